@@ -1,0 +1,259 @@
+"""Per-token log-probabilities, entropies and masked reductions (chapter 02).
+
+Conventions:
+
+* ``logits[..., t, :]`` scores ``tokens[..., t]``. The caller does the *shift by one*:
+  for a causal LM whose output at position ``i`` predicts the token at ``i + 1``,
+  pass ``logits[:, :-1]`` with ``input_ids[:, 1:]``.
+* ``temperature`` divides the logits before scoring, exactly as a sampler that drew
+  tokens from ``softmax(logits / temperature)`` did.
+* Arithmetic is float32 for float16/bfloat16/float32 logits and float64 for float64
+  logits; the result has that dtype.
+* Neither :func:`token_logprobs` nor :func:`entropy_from_logits` materializes a full
+  ``(B, T, V)`` log-softmax: they compute ``logit[token] - logsumexp(logits)`` over
+  blocks of ``chunk_size`` rows (all rows at once when ``chunk_size`` is None), and the
+  backward pass of :func:`token_logprobs` recomputes the softmax block by block instead
+  of saving it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["token_logprobs", "entropy_from_logits", "masked_sum", "masked_mean"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_logits(logits: torch.Tensor, temperature: float, chunk_size: int | None) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"logits must be a tensor, got {type(logits).__name__}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape (B, T, V) (at least 2 dims), got {tuple(logits.shape)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"logits must be float16/bfloat16/float32/float64, got dtype {logits.dtype}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary dimension V, got {tuple(logits.shape)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+    if not (math.isfinite(float(temperature)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def _row_blocks(n_rows: int, chunk_size: int | None):
+    step = n_rows if chunk_size is None else chunk_size
+    step = max(step, 1)
+    for start in range(0, n_rows, step):
+        yield start, min(start + step, n_rows)
+
+
+def _block_shifted_exp(x: torch.Tensor, shift: torch.Tensor, temperature: float, cdtype: torch.dtype) -> torch.Tensor:
+    """exp(x / temperature - shift[:, None]) for a (n, V) block, with one (n, V) allocation."""
+    if x.dtype == cdtype:
+        z = torch.div(x, temperature) if temperature != 1.0 else x.clone()
+    else:
+        z = x.to(cdtype)
+        if temperature != 1.0:
+            z.div_(temperature)
+    z.sub_(shift[:, None])
+    return z.exp_()
+
+
+def _forward_blocks(flat: torch.Tensor, tok: torch.Tensor, temperature: float, chunk_size: int | None):
+    """(n, V) logits, (n,) tokens -> (logp, shift, logsum), each (n,) in the compute dtype, no grad.
+
+    ``logsumexp(x / tau) = shift + logsum`` with ``shift`` the row max of ``x / tau``; the
+    log-prob is formed as ``(x_tok / tau - shift) - logsum`` so that large logits (e.g. 1e4
+    in float32) do not lose precision to cancellation.
+    """
+    cdtype = _compute_dtype(flat.dtype)
+    n = flat.shape[0]
+    out = torch.empty(n, dtype=cdtype, device=flat.device)
+    shift = torch.empty(n, dtype=cdtype, device=flat.device)
+    logsum = torch.empty(n, dtype=cdtype, device=flat.device)
+    with torch.no_grad():
+        for s, e in _row_blocks(n, chunk_size):
+            x = flat[s:e]
+            m = x.amax(dim=-1).to(cdtype) / temperature  # (n,) max of the scaled logits
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            z = _block_shifted_exp(x, m, temperature, cdtype)  # (n, V), the only big buffer
+            ls = z.sum(dim=-1).log_()
+            del z
+            picked = x.gather(-1, tok[s:e, None]).squeeze(-1).to(cdtype) / temperature
+            shift[s:e] = m
+            logsum[s:e] = ls
+            out[s:e] = (picked - m) - ls
+    return out, shift, logsum
+
+
+class _TokenLogprobsFn(torch.autograd.Function):
+    """gather - logsumexp with a block-recomputing backward (saves only (n,) statistics)."""
+
+    @staticmethod
+    def forward(ctx, flat, tok, temperature, chunk_size):  # type: ignore[override]
+        out, shift, logsum = _forward_blocks(flat, tok, temperature, chunk_size)
+        ctx.save_for_backward(flat, tok, shift, logsum)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        flat, tok, shift, logsum = ctx.saved_tensors
+        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        cdtype = shift.dtype
+        grad = torch.empty_like(flat)
+        g = grad_out.to(cdtype) / temperature  # (n,)
+        for s, e in _row_blocks(flat.shape[0], chunk_size):
+            # d/dx_v [x_tok/tau - lse(x/tau)] = (1[v == tok] - softmax(x/tau)_v) / tau
+            p = _block_shifted_exp(flat[s:e], shift[s:e], temperature, cdtype)  # exp(x/tau - m), (n, V)
+            p.mul_(torch.exp(-logsum[s:e])[:, None])  # softmax(x / tau)
+            p.neg_().scatter_add_(-1, tok[s:e, None], torch.ones_like(p[:, :1]))
+            p.mul_(g[s:e, None])
+            grad[s:e] = p
+            del p
+        return grad, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Log-probability of each token: ``log softmax(logits / temperature)[..., token]``.
+
+    Computed as ``logits[token] / temperature - logsumexp(logits / temperature)`` block by
+    block, never materializing the ``(B, T, V)`` log-softmax.
+
+    Args:
+        logits: ``(B, T, V)`` (any leading dims ``(...)``, last dim V), float16, bfloat16,
+            float32 or float64. ``logits[b, t]`` scores ``tokens[b, t]``: **no shift is done
+            here** (for a causal LM pass ``logits[:, :-1]`` and ``input_ids[:, 1:]``).
+        tokens: ``(B, T)`` (= ``logits.shape[:-1]``), integer dtype, values in ``[0, V)``.
+        temperature: positive float; logits are divided by it before the softmax, as the
+            sampler did.
+        chunk_size: number of rows (positions, after flattening ``B*T``) per block; None
+            processes all rows in one block. Peak extra memory is about one float32
+            ``(chunk_size, V)`` block plus the output, in the forward and the backward.
+
+    Returns:
+        ``(B, T)`` log-probabilities, float32 (float64 for float64 logits), ``<= 0``.
+        Differentiable with respect to ``logits`` (first-order only); the gradient has the
+        dtype of ``logits``.
+
+    Raises:
+        ValueError: wrong ranks or shapes (expected vs received), non-float logits,
+            non-integer or out-of-range tokens, non-positive temperature, bad chunk_size.
+    """
+    _check_logits(logits, temperature, chunk_size)
+    if not isinstance(tokens, torch.Tensor):
+        raise ValueError(f"tokens must be a tensor, got {type(tokens).__name__}")
+    if tokens.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"tokens must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}"
+        )
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer (long) tensor, got dtype {tokens.dtype}")
+    V = logits.shape[-1]
+    if tokens.numel() > 0 and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+        raise ValueError(
+            f"token ids must lie in [0, V) = [0, {V}), got range [{int(tokens.min())}, {int(tokens.max())}]"
+        )
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, V)  # (B*T, V), a view for contiguous logits
+    tok = tokens.reshape(-1).long()
+    if flat.shape[0] == 0:
+        return torch.zeros(lead, dtype=_compute_dtype(logits.dtype), device=logits.device)
+    out = _TokenLogprobsFn.apply(flat, tok, float(temperature), chunk_size)
+    return out.reshape(lead)
+
+
+def entropy_from_logits(
+    logits: torch.Tensor, temperature: float = 1.0, chunk_size: int | None = None
+) -> torch.Tensor:
+    """Entropy ``H = -sum_v p_v log p_v`` of ``p = softmax(logits / temperature)`` per position.
+
+    Args:
+        logits: ``(B, T, V)`` (any leading dims), float16/bfloat16/float32/float64.
+        temperature: positive float, as in :func:`token_logprobs`.
+        chunk_size: rows per block (None: all rows at once). Without autograd the peak
+            extra memory is a few ``(chunk_size, V)`` blocks; with autograd each block's
+            log-softmax is kept for the backward pass.
+
+    Returns:
+        ``(B, T)`` entropies in nats, float32 (float64 for float64 logits), in ``[0, log V]``.
+        Differentiable through ordinary torch ops.
+
+    Raises:
+        ValueError: as for :func:`token_logprobs`.
+    """
+    _check_logits(logits, temperature, chunk_size)
+    V = logits.shape[-1]
+    lead = logits.shape[:-1]
+    cdtype = _compute_dtype(logits.dtype)
+    flat = logits.reshape(-1, V)
+    parts = []
+    for s, e in _row_blocks(flat.shape[0], chunk_size):
+        z = flat[s:e].to(cdtype) / temperature  # (n, V)
+        logp = torch.log_softmax(z, dim=-1)
+        # p * logp with p = 0 and logp = -inf (a -inf logit) contributes 0, not NaN
+        plogp = torch.where(logp > -math.inf, logp.exp() * logp, torch.zeros((), dtype=cdtype, device=z.device))
+        parts.append(-plogp.sum(dim=-1))
+    if not parts:
+        return torch.zeros(lead, dtype=cdtype, device=logits.device)
+    return torch.cat(parts).reshape(lead)
+
+
+def _check_masked(x: torch.Tensor, mask: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(mask, torch.Tensor):
+        raise ValueError(f"x and mask must be tensors, got {type(x).__name__} and {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    if mask.shape != x.shape:
+        raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
+    """Sum of ``x`` over entries where ``mask`` is True.
+
+    Args:
+        x: float tensor, e.g. ``(B, T)``. Values at masked-out positions are ignored even
+            if they are inf or NaN (they are replaced, not multiplied by 0).
+        mask: bool tensor of the same shape as ``x``.
+        dim: dimension(s) to reduce; None reduces everything to a scalar.
+
+    Returns:
+        The masked sum (0 for an all-masked row or tensor).
+    """
+    _check_masked(x, mask)
+    kept = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return kept.sum() if dim is None else kept.sum(dim=dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
+    """Mean of ``x`` over entries where ``mask`` is True.
+
+    Args:
+        x: float tensor, e.g. ``(B, T)``; masked-out values are ignored (even inf/NaN).
+        mask: bool tensor of the same shape as ``x``.
+        dim: dimension(s) to reduce; None reduces everything to a scalar.
+
+    Returns:
+        ``masked_sum / count``. **Where the count is 0 (an all-masked row) the result is 0**,
+        never NaN, and its gradient is 0.
+    """
+    total = masked_sum(x, mask, dim)
+    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    return total / count.clamp(min=1).to(total.dtype)
