@@ -1,0 +1,99 @@
+# rlbook: two commands do everything on a fresh machine (Python 3.11, nothing installed).
+#   make book   set up .venv, execute every chapter, render _build/html
+#   make test   set up .venv, unit tests, pytest --nbval on every notebook,
+#               papermill runs of the training chapters, book build, browser check
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MATHJAX_VERSION := 3.2.2
+MATHJAX := vendor/mathjax/es5/tex-chtml.js
+CONFIG ?= configs/grpo.yaml
+
+# Headless, offline, reproducible defaults for everything below.
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export TOKENIZERS_PARALLELISM := false
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+export JUPYTER_PLATFORM_DIRS := 1
+
+.PHONY: help setup book test unit nbval papermill book-html browser lab train chromium clean
+
+help:
+	@echo "make book    execute every chapter and render the book to _build/html"
+	@echo "make test    unit tests, nbval on every notebook, papermill runs, book build, browser check"
+	@echo "make lab     JupyterLab on the repository"
+	@echo "make train CONFIG=configs/grpo.yaml   the trainer from the command line"
+
+# ---- set-up -----------------------------------------------------------------------------
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@touch $@
+
+setup: $(STAMP) $(MATHJAX)
+
+# MathJax is served by the book itself (no CDN): npm's tarball, unpacked outside _static/.
+$(MATHJAX):
+	@mkdir -p vendor/mathjax .cache
+	cd .cache && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null
+	tar -xzf .cache/mathjax-$(MATHJAX_VERSION).tgz -C vendor/mathjax --strip-components=1 package/es5
+	@test -f $@
+
+# ---- the book ---------------------------------------------------------------------------
+book: setup
+	$(BIN)/jupyter-book build . -W -n --keep-going
+	@echo "The book: $(CURDIR)/_build/html/index.html"
+
+# The test build renders the committed (nbval-checked) outputs instead of executing again.
+book-html: setup
+	@mkdir -p _build
+	sed -e 's/^\(\s*execute_notebooks:\).*/\1 "off"/' -e 's#: book/_ext#: $(CURDIR)/book/_ext#' _config.yml > _build/_config_noexec.yml
+	$(BIN)/jupyter-book build . --config _build/_config_noexec.yml -W -n --keep-going
+	@echo "The book: $(CURDIR)/_build/html/index.html"
+
+# ---- tests ------------------------------------------------------------------------------
+test: setup chromium
+	$(MAKE) --no-print-directory unit nbval papermill book-html browser
+	@echo "make test: all steps passed"
+
+unit: setup
+	$(BIN)/pytest tests -m "not slow and not papermill and not browser" -p no:cacheprovider
+
+nbval: setup
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
+	  $(BIN)/pytest --nbval notebooks/ -p no:cacheprovider --nbval-current-env --durations=0; \
+	else echo "no notebooks yet"; fi
+
+papermill: setup
+	@if ls tests/test_papermill_runs.py >/dev/null 2>&1; then \
+	  $(BIN)/pytest tests -m papermill -p no:cacheprovider; \
+	else echo "no training chapters yet"; fi
+
+browser: setup
+	$(BIN)/pytest tests -m browser -p no:cacheprovider -rs
+
+# Debian's chromium for the browser check; a machine where it cannot be installed skips that test.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "chromium could not be installed: the browser test will be skipped"; \
+	  else echo "chromium missing and not root: the browser test will be skipped"; fi; }
+
+# ---- working with the book --------------------------------------------------------------
+lab: setup
+	$(BIN)/jupyter lab --notebook-dir=$(CURDIR)
+
+train: setup
+	$(BIN)/python -m rlbook_code.train --config $(CONFIG)
+
+clean:
+	rm -rf _build .cache
