@@ -67,27 +67,46 @@ def _block_shifted_exp(x: torch.Tensor, shift: torch.Tensor, temperature: float,
     return z.exp_()
 
 
+def _fused_path(dtype: torch.dtype, temperature: float) -> bool:
+    """True when a block can go straight into torch's fused (log_)softmax kernel.
+
+    That is when the logits are already in the compute dtype and the temperature is 1: the
+    kernel then allocates exactly one (n, V) output block. Otherwise (bf16/fp16 logits or a
+    temperature) a cast/scaled copy is needed, and the block is processed in place in that
+    copy, again one (n, V) allocation.
+    """
+    return dtype == _compute_dtype(dtype) and temperature == 1.0
+
+
 def _forward_blocks(flat: torch.Tensor, tok: torch.Tensor, temperature: float, chunk_size: int | None):
     """(n, V) logits, (n,) tokens -> (logp, shift, logsum), each (n,) in the compute dtype, no grad.
 
-    ``logsumexp(x / tau) = shift + logsum`` with ``shift`` the row max of ``x / tau``; the
-    log-prob is formed as ``(x_tok / tau - shift) - logsum`` so that large logits (e.g. 1e4
-    in float32) do not lose precision to cancellation.
+    Off the fused path, ``logsumexp(x / tau) = shift + logsum`` with ``shift`` the row max of
+    ``x / tau``; the log-prob is formed as ``(x_tok / tau - shift) - logsum`` so that large
+    logits (e.g. 1e4 in float32) do not lose precision to cancellation. On the fused path
+    ``shift`` and ``logsum`` are not needed and are returned empty.
     """
     cdtype = _compute_dtype(flat.dtype)
     n = flat.shape[0]
+    fused = _fused_path(flat.dtype, temperature)
     out = torch.empty(n, dtype=cdtype, device=flat.device)
-    shift = torch.empty(n, dtype=cdtype, device=flat.device)
-    logsum = torch.empty(n, dtype=cdtype, device=flat.device)
+    shift = torch.empty(0 if fused else n, dtype=cdtype, device=flat.device)
+    logsum = torch.empty(0 if fused else n, dtype=cdtype, device=flat.device)
     with torch.no_grad():
         for s, e in _row_blocks(n, chunk_size):
             x = flat[s:e]
+            idx = tok[s:e, None]
+            if fused:
+                lsm = torch.log_softmax(x, dim=-1)  # (n, V), the only big buffer
+                out[s:e] = lsm.gather(-1, idx).squeeze(-1)
+                del lsm
+                continue
             m = x.amax(dim=-1).to(cdtype) / temperature  # (n,) max of the scaled logits
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             z = _block_shifted_exp(x, m, temperature, cdtype)  # (n, V), the only big buffer
             ls = z.sum(dim=-1).log_()
             del z
-            picked = x.gather(-1, tok[s:e, None]).squeeze(-1).to(cdtype) / temperature
+            picked = x.gather(-1, idx).squeeze(-1).to(cdtype) / temperature
             shift[s:e] = m
             logsum[s:e] = ls
             out[s:e] = (picked - m) - ls
@@ -110,13 +129,17 @@ class _TokenLogprobsFn(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         flat, tok, shift, logsum = ctx.saved_tensors
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
-        cdtype = shift.dtype
+        cdtype = _compute_dtype(flat.dtype)
+        fused = _fused_path(flat.dtype, temperature)
         grad = torch.empty_like(flat)
         g = grad_out.to(cdtype) / temperature  # (n,)
         for s, e in _row_blocks(flat.shape[0], chunk_size):
             # d/dx_v [x_tok/tau - lse(x/tau)] = (1[v == tok] - softmax(x/tau)_v) / tau
-            p = _block_shifted_exp(flat[s:e], shift[s:e], temperature, cdtype)  # exp(x/tau - m), (n, V)
-            p.mul_(torch.exp(-logsum[s:e])[:, None])  # softmax(x / tau)
+            if fused:
+                p = torch.softmax(flat[s:e], dim=-1)  # (n, V)
+            else:
+                p = _block_shifted_exp(flat[s:e], shift[s:e], temperature, cdtype)  # exp(x/tau - m)
+                p.mul_(torch.exp(-logsum[s:e])[:, None])  # softmax(x / tau)
             p.neg_().scatter_add_(-1, tok[s:e, None], torch.ones_like(p[:, :1]))
             p.mul_(g[s:e, None])
             grad[s:e] = p
