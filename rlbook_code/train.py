@@ -298,8 +298,7 @@ _ALIASES = {"learning_rate": "lr", "kl_coef": "beta", "init_kl_coef": "beta", "n
 
 def _unknown_key_error(key: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(TrainConfig)]
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6) or (
-        [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(key, names, n=1, cutoff=0.4))
+    close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(key, names, n=1, cutoff=0.4)
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
     return ConfigError(f"unknown config key {key!r}{hint}")
 
@@ -714,7 +713,7 @@ def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor, adv: torch.T
         per_token = per_token - cfg.entropy_coef * torch.where(mask, out.entropy, 0.0)
     pg_loss = aggregation.aggregate(per_token, mask, cfg.aggregation, max_len=cfg.max_new_tokens,
                                     num_tokens=num_tokens, num_seqs=num_seqs)
-    metrics["pg_loss"] = float(pg_loss)
+    metrics["pg_loss"] = float(pg_loss.detach())
     loss = pg_loss
     if critic:
         hidden = out.hidden.detach() if cfg.value_detach else out.hidden
@@ -727,9 +726,9 @@ def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor, adv: torch.T
             err = torch.maximum(err, err_c)
         v_loss = aggregation.aggregate(torch.where(mask, 0.5 * err, 0.0), mask, "token-mean",
                                        num_tokens=num_tokens)
-        metrics["value_loss"] = float(v_loss)
+        metrics["value_loss"] = float(v_loss.detach())
         loss = loss + cfg.vf_coef * v_loss
-    metrics["loss"] = float(loss)
+    metrics["loss"] = float(loss.detach())
     return loss, metrics
 
 
@@ -902,7 +901,7 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
                         sums[k] = sums.get(k, 0.0) + v  # already normalised: sums to the minibatch value
                     else:
                         sums[k] = sums.get(k, 0.0) + w * v
-                _check_finite(state, step, "loss", float(loss))
+                _check_finite(state, step, "loss", float(loss.detach()))
                 loss.backward()
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
             gn = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
