@@ -1,0 +1,328 @@
+"""Sampling groups of completions and re-scoring them.
+
+Layout: ``N = num_prompts * G`` rows; the ``G`` samples of a prompt are contiguous.
+Prompts are left-padded (so every completion starts at the same column ``P``), and
+completions are right-padded after their first EOS.
+
+* :func:`generate` samples with ``model.generate`` (KV cache) and records the
+  sampler's per-token log-probs.
+* :func:`completion_logprobs` runs one differentiable forward pass over prompt +
+  completion with explicit ``position_ids`` and returns the log-prob of every
+  completion token; on the sampler's own tokens it reproduces the sampler's
+  log-probs (to ~1e-6 in float32) when ``top_p=1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+__all__ = [
+    "RolloutBatch",
+    "CompletionScores",
+    "chat_prompts",
+    "generate",
+    "completion_logprobs",
+    "completion_mask_from_eos",
+    "eos_token_ids",
+    "position_ids_from_mask",
+]
+
+try:  # the package's own implementation (chapter 02)
+    from rlbook_code.logprobs import entropy_from_logits as _entropy, token_logprobs as _token_logprobs
+except ImportError:  # pragma: no cover - only while the package is being assembled
+
+    def _token_logprobs(logits, tokens, temperature=1.0, chunk_size=None):
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    def _entropy(logits, temperature=1.0, chunk_size=None):
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class RolloutBatch:
+    """A batch of sampled completions; ``N`` rows, groups of ``group_size`` contiguous.
+
+    Attributes:
+        prompts: ``N`` user messages (each repeated ``group_size`` times).
+        texts: ``N`` decoded completions, cut before the first EOS, special tokens skipped.
+        prompt_ids: ``(N, P)`` long, left-padded chat-formatted prompts.
+        prompt_mask: ``(N, P)`` bool, True on real prompt tokens.
+        completion_ids: ``(N, T)`` long; positions after the first EOS hold the pad id.
+        completion_mask: ``(N, T)`` bool, True on tokens up to *and including* the first
+            EOS (the model is trained to emit EOS); all True for a row that hit
+            ``max_new_tokens`` without EOS.
+        logprobs: ``(N, T)`` float32, log-prob of each sampled token under the sampling
+            distribution (after temperature / top-p), 0 where the mask is False.
+        group_size: ``G``.
+    """
+
+    prompts: list[str]
+    texts: list[str]
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logprobs: torch.Tensor
+    group_size: int
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """``(N, P + T)`` prompt then completion."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """``(N, P + T)`` bool: real prompt tokens and completion tokens up to the first EOS."""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts) // self.group_size
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, idx: torch.Tensor | list[int]) -> "RolloutBatch":
+        """Rows ``idx`` (e.g. a minibatch) as a new batch.
+
+        ``group_size`` is kept when ``idx`` is a sequence of whole groups (each block of
+        ``G`` indices is one complete group in order); otherwise it becomes 1.
+        """
+        idx_t = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        n = len(self)
+        if idx_t.numel() and (idx_t.min() < -n or idx_t.max() >= n):
+            raise ValueError(f"indices must lie in [0, {n}), got min {int(idx_t.min())} max {int(idx_t.max())}")
+        idx_list = idx_t.tolist()
+        g = self.group_size
+        whole_groups = len(idx_list) % g == 0 and all(
+            idx_list[k] % g == 0 and idx_list[k : k + g] == list(range(idx_list[k], idx_list[k] + g))
+            for k in range(0, len(idx_list), g)
+        )
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                out[f.name] = v[idx_t.to(v.device)]
+            elif isinstance(v, list):
+                out[f.name] = [v[i] for i in idx_list]
+        out["group_size"] = g if whole_groups else 1
+        return RolloutBatch(**out)
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        """The same batch with its tensors on ``device``."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in kw.items():
+            if isinstance(v, torch.Tensor):
+                kw[k] = v.to(device)
+        return RolloutBatch(**kw)
+
+
+@dataclass
+class CompletionScores:
+    """Output of :func:`completion_logprobs` (``N`` rows, ``T`` completion tokens).
+
+    Attributes:
+        logprobs: ``(N, T)`` float32, differentiable; 0 where the completion mask is False.
+        entropy: ``(N, T)`` float32 entropy of the next-token distribution, or ``None``.
+        hidden: ``(N, T, H)`` final hidden state at the position that *predicts*
+            completion token ``t`` (input to a value head), or ``None``.
+    """
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """All ids that end a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    ids: list[int] = []
+    for v in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if v is None:
+            continue
+        for i in v if isinstance(v, (list, tuple)) else [v]:
+            if int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token_id and the model's generation_config names none")
+    return ids
+
+
+def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """Format user messages with the tokenizer's chat template (generation prompt added).
+
+    ``enable_thinking=False`` is passed to the template: Qwen3 templates then skip the
+    thinking block; templates that do not use the variable ignore it.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat_template; load a chat/instruct model or set one")
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+        for p in prompts
+    ]
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """``(N, T)`` bool: True up to and including the first EOS of each row (all True if none)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    # number of EOS strictly before position t; keep positions with none before them
+    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return before == 0
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(N, L)`` positions counting only attended tokens (0 at the first real token).
+
+    Matches what ``model.generate`` uses with left padding; padded positions get 0.
+    """
+    pos = attention_mask.long().cumsum(dim=1) - 1
+    return pos.clamp(min=0)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> RolloutBatch:
+    """Sample ``group_size`` completions for each prompt.
+
+    Args:
+        prompts: user messages; the tokenizer's chat template is applied here.
+        group_size: ``G`` samples per prompt, laid out contiguously.
+        max_new_tokens: completion length cap ``T_max``.
+        temperature: 0 means greedy decoding; otherwise sampling at this temperature.
+        top_p: nucleus threshold (1.0 = off). ``top_k=0`` is always passed, so the
+            model's own ``generation_config`` defaults (Qwen ships top_k=20, top_p=0.95)
+            never silently change the sampling distribution.
+        seed: seeds the sampler (the global torch RNG state is restored afterwards).
+
+    Returns:
+        A :class:`RolloutBatch` with ``N = len(prompts) * group_size`` rows.
+    """
+    from transformers import GenerationConfig
+
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty")
+    device = next(model.parameters()).device
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+    texts_in = chat_prompts(tokenizer, prompts)
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts_in, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = old_side
+    prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0).to(device)  # (N, P)
+    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0).to(device).bool()  # (N, P)
+
+    greedy = temperature == 0
+    gen_config = GenerationConfig(
+        do_sample=not greedy,
+        temperature=None if greedy else float(temperature),
+        top_p=None if greedy else float(top_p),
+        top_k=None if greedy else 0,
+        max_new_tokens=int(max_new_tokens),
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+        use_cache=True,
+    )
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=gen_config
+        )
+    P = prompt_ids.shape[1]
+    completion_ids = out.sequences[:, P:]  # (N, T)
+    completion_mask = completion_mask_from_eos(completion_ids, eos_ids)  # (N, T)
+    completion_ids = completion_ids.masked_fill(~completion_mask, pad_id)
+    # processed scores: logits after the sampler's warpers (temperature, top-p)
+    scores = torch.stack(out.scores, dim=1)  # (N, T, V)
+    logprobs = torch.log_softmax(scores.float(), dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    logprobs = logprobs.masked_fill(~completion_mask, 0.0)  # (N, T)
+
+    texts = []
+    for row, m in zip(completion_ids, completion_mask):
+        toks = row[m].tolist()
+        if toks and toks[-1] in eos_ids:
+            toks = toks[:-1]
+        texts.append(tokenizer.decode(toks, skip_special_tokens=True))
+    return RolloutBatch(
+        prompts=[p for p in prompts for _ in range(group_size)],
+        texts=texts,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        logprobs=logprobs,
+        group_size=group_size,
+    )
+
+
+def completion_logprobs(
+    model,
+    batch: RolloutBatch,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    with_hidden: bool = False,
+) -> CompletionScores:
+    """Log-probs of the batch's completion tokens under ``model`` (differentiable).
+
+    One forward pass over ``batch.input_ids`` with ``position_ids`` computed from the
+    attention mask (as ``generate`` does with left padding). Logits at position
+    ``P - 1 + t`` score completion token ``t``. Log-probs (and entropy) are
+    computed from ``logits / temperature`` in float32; no top-p truncation, so they
+    equal the sampler's log-probs only for ``top_p=1``.
+
+    Returns:
+        :class:`CompletionScores` with ``logprobs (N, T)``, optionally ``entropy (N, T)``
+        and ``hidden (N, T, H)``; values are 0 where ``batch.completion_mask`` is False.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for scoring, got {temperature}")
+    device = next(model.parameters()).device
+    input_ids = batch.input_ids.to(device)  # (N, P+T)
+    attn = batch.attention_mask.to(device)  # (N, P+T)
+    mask = batch.completion_mask.to(device)  # (N, T)
+    P = batch.prompt_ids.shape[1]
+    T = batch.completion_ids.shape[1]
+    if T == 0:
+        raise ValueError("batch has no completion tokens (T == 0)")
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attn.long(),
+        position_ids=position_ids_from_mask(attn),
+        use_cache=False,
+        output_hidden_states=with_hidden,
+        logits_to_keep=T + 1,
+    )
+    logits = out.logits[:, :T]  # (N, T, V): positions P-1 .. P+T-2 predict completion tokens 0 .. T-1
+    tokens = batch.completion_ids.to(device)
+    logp = _token_logprobs(logits, tokens, temperature=temperature).masked_fill(~mask, 0.0)
+    ent = _entropy(logits, temperature=temperature).masked_fill(~mask, 0.0) if with_entropy else None
+    hidden = None
+    if with_hidden:
+        hidden = out.hidden_states[-1][:, P - 1 : P + T - 1]  # (N, T, H)
+        hidden = hidden.masked_fill(~mask.unsqueeze(-1), 0.0)
+    return CompletionScores(logprobs=logp, entropy=ent, hidden=hidden)
