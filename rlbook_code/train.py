@@ -107,6 +107,9 @@ class TrainConfig:
     """``torch.set_num_threads`` for CPU runs; None leaves torch's default."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (saves memory on large models)."""
+    autocast_bf16: bool = False
+    """Run forward passes under ``torch.autocast(bfloat16)`` while parameters, gradients and
+    AdamW states stay in ``dtype`` (use with dtype float32 on a GPU: mixed precision)."""
 
     # --- model and task ------------------------------------------------------------------
     model_name: Optional[str] = None
@@ -115,6 +118,9 @@ class TrainConfig:
     """Task mixture: list of ``{name, weight, config}`` reasoning-gym specs; None: ``rewards.DEFAULT_TASK``."""
     reward_mode: str = "exact"
     """Verifier score: ``exact`` (1 if the extracted answer matches, else 0) or ``partial``."""
+    answer_format: str = "plain"
+    """``plain`` (the answer is the completion's last line; the shipped model) or ``tags``
+    (the prompt asks for ``<answer>...</answer>``; chat models)."""
 
     # --- sampling ------------------------------------------------------------------------
     steps: int = 150
@@ -123,12 +129,14 @@ class TrainConfig:
     """Prompts per rollout batch; the batch holds ``prompts_per_step * group_size`` completions."""
     group_size: int = 8
     """Completions per prompt (G). Group and leave-one-out baselines need G >= 2."""
-    max_new_tokens: int = 16
+    max_new_tokens: int = 8
     """Longest completion sampled (tokens)."""
     temperature: float = 1.0
     """Sampling temperature; the same temperature scales the logits when scoring."""
     top_p: float = 1.0
     """Nucleus sampling threshold. Keep 1.0 for on-policy RL: the loss scores the full softmax."""
+    generation_batch_size: Optional[int] = None
+    """Prompts per ``generate`` call (bounds the KV cache on a GPU); None: all prompts at once."""
 
     # --- optimisation --------------------------------------------------------------------
     lr: float = 5e-4
@@ -235,6 +243,7 @@ _LITERALS: dict[str, tuple] = {
     "algo": ALGORITHMS,
     "dtype": tuple(DTYPES),
     "reward_mode": ("exact", "partial"),
+    "answer_format": ("plain", "tags"),
     "lr_schedule": ("constant", "cosine"),
     "advantage": ADVANTAGES,
     "adv_scale": ("group", "batch", "none"),
@@ -358,6 +367,10 @@ def validate_config(cfg: TrainConfig) -> None:
             close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.4)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             bad(f"{name}={value!r} is not one of {list(allowed)}{hint}")
+    if cfg.generation_batch_size is not None and cfg.generation_batch_size < 1:
+        bad(f"generation_batch_size must be >= 1 or None, received {cfg.generation_batch_size}")
+    if cfg.autocast_bf16 and cfg.dtype != "float32":
+        bad(f"autocast_bf16 is mixed precision for float32 parameters; received dtype={cfg.dtype!r}")
     for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_epochs",
                  "num_minibatches", "max_sampling_rounds", "eval_size", "eval_batch_size",
                  "value_hidden"):
@@ -489,7 +502,8 @@ def build_state(cfg: TrainConfig, run_dir: Path | None = None) -> TrainState:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    task = rewards.TaskMixture(cfg.task if cfg.task is not None else rewards.DEFAULT_TASK, seed=cfg.seed)
+    task = rewards.TaskMixture(cfg.task if cfg.task is not None else rewards.DEFAULT_TASK, seed=cfg.seed,
+                               answer_format=cfg.answer_format)
     eval_items = task.eval_items(cfg.eval_size, seed=cfg.eval_seed)
     return TrainState(cfg=cfg, run_dir=Path(run_dir or default_run_dir(cfg)), policy=policy,
                       tokenizer=tokenizer, ref=ref, value_head=value_head, optimizer=optimizer,
@@ -505,6 +519,19 @@ def _pad_to(x: torch.Tensor, width: int, value: Any, left: bool) -> torch.Tensor
         return x
     pad = x.new_full((x.shape[0], extra) + tuple(x.shape[2:]), value)
     return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _autocast(cfg: TrainConfig):
+    """bf16 autocast for the forward passes when ``autocast_bf16`` (else a no-op context)."""
+    import contextlib
+
+    if not cfg.autocast_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)
 
 
 def concat_batches(batches: list, pad_token_id: int):
@@ -559,9 +586,13 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
         items = state.task.sample(cfg.prompts_per_step)
         state.items_drawn += len(items)
         prompts = [state.task.prompt(it) for it in items]
-        batch = rollout.generate(state.policy, state.tokenizer, prompts, group_size=G,
-                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, seed=_seed_for(cfg, step, round_))
+        chunk = cfg.generation_batch_size or len(prompts)
+        with _autocast(cfg):
+            parts = [rollout.generate(state.policy, state.tokenizer, prompts[i:i + chunk], group_size=G,
+                                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                      top_p=cfg.top_p, seed=_seed_for(cfg, step, round_, salt=i))
+                     for i in range(0, len(prompts), chunk)]
+        batch = concat_batches(parts, _pad_id(state.tokenizer))
         rep_items = [it for it in items for _ in range(G)]
         scores = torch.tensor(state.task.score(batch.texts, rep_items, mode=cfg.reward_mode),
                               dtype=torch.float32)
@@ -584,8 +615,7 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
             break
     stats = {"zero_var_frac": n_zero_var / n_groups, "sampling_rounds": float(round_ + 1)}
     if cfg.dynamic_sampling and kept:
-        pad_id = state.tokenizer.pad_token_id if state.tokenizer.pad_token_id is not None else 0
-        batch = concat_batches(kept, pad_id)
+        batch = concat_batches(kept, _pad_id(state.tokenizer))
         stats["kept_groups"] = float(n_kept)
         return batch, kept_items, torch.cat(kept_scores), stats
     batch, rep_items, scores = last
@@ -615,14 +645,16 @@ def score_rollouts(state: TrainState, batch) -> dict[str, torch.Tensor | None]:
     n = batch.completion_ids.shape[0]
     for sl in _micro_slices(n, cfg.micro_batch_size):
         mb = batch.select(list(range(sl.start, sl.stop)))
-        out = rollout.completion_logprobs(state.policy, mb, temperature=cfg.temperature,
-                                          with_entropy=True, with_hidden=critic)
+        with _autocast(cfg):
+            out = rollout.completion_logprobs(state.policy, mb, temperature=cfg.temperature,
+                                              with_entropy=True, with_hidden=critic)
         old.append(out.logprobs.float())
         ent.append(out.entropy.float())
         if critic:
             val.append(state.value_head(out.hidden))
         if state.ref is not None:
-            ref.append(rollout.completion_logprobs(state.ref, mb, temperature=cfg.temperature).logprobs.float())
+            with _autocast(cfg):
+                ref.append(rollout.completion_logprobs(state.ref, mb, temperature=cfg.temperature).logprobs.float())
     return {"old_logp": torch.cat(old), "entropy": torch.cat(ent),
             "ref_logp": torch.cat(ref) if ref else None, "values": torch.cat(val) if val else None}
 
@@ -688,8 +720,9 @@ def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor, adv: torch.T
 
     cfg = state.cfg
     critic = state.value_head is not None
-    out = rollout.completion_logprobs(state.policy, mb, temperature=cfg.temperature,
-                                      with_entropy=cfg.entropy_coef > 0, with_hidden=critic)
+    with _autocast(cfg):
+        out = rollout.completion_logprobs(state.policy, mb, temperature=cfg.temperature,
+                                          with_entropy=cfg.entropy_coef > 0, with_hidden=critic)
     logp = out.logprobs.float()  # (b, T)
     mask = mb.completion_mask  # (b, T)
     metrics: dict[str, float] = {}
@@ -835,9 +868,10 @@ def run_eval(state: TrainState) -> dict[str, float]:
     out = {}
     modes = [("greedy", True)] + ([("sampled", False)] if cfg.eval_sampled else [])
     for name, greedy in modes:
-        r = evaluate(state.policy, state.tokenizer, state.task, state.eval_items,
-                     max_new_tokens=cfg.max_new_tokens, greedy=greedy, temperature=cfg.temperature,
-                     batch_size=cfg.eval_batch_size, seed=cfg.eval_seed)
+        with _autocast(cfg):
+            r = evaluate(state.policy, state.tokenizer, state.task, state.eval_items,
+                         max_new_tokens=cfg.max_new_tokens, greedy=greedy, temperature=cfg.temperature,
+                         batch_size=cfg.eval_batch_size, seed=cfg.eval_seed)
         out[f"eval/{name}_accuracy"] = float(r["accuracy"])
         out[f"eval/{name}_length"] = float(r["mean_length"])
     return out
