@@ -55,16 +55,27 @@ def _row_blocks(n_rows: int, chunk_size: int | None):
         yield start, min(start + step, n_rows)
 
 
-def _block_shifted_exp(x: torch.Tensor, shift: torch.Tensor, temperature: float, cdtype: torch.dtype) -> torch.Tensor:
-    """exp(x / temperature - shift[:, None]) for a (n, V) block, with one (n, V) allocation."""
-    if x.dtype == cdtype:
-        z = torch.div(x, temperature) if temperature != 1.0 else x.clone()
+def _block_shifted_exp(
+    x: torch.Tensor, shift: torch.Tensor, temperature: float, buf: torch.Tensor
+) -> torch.Tensor:
+    """exp(x / temperature - shift[:, None]) for a (n, V) block, computed in place in ``buf``.
+
+    ``buf`` is a (n, V) buffer in the compute dtype (a view of one buffer reused by every
+    block, so the pages are touched once rather than once per block).
+    """
+    if temperature != 1.0 and x.dtype == buf.dtype:
+        torch.div(x, temperature, out=buf)
     else:
-        z = x.to(cdtype)
+        buf.copy_(x)  # casts bf16/fp16 to float32
         if temperature != 1.0:
-            z.div_(temperature)
-    z.sub_(shift[:, None])
-    return z.exp_()
+            buf.div_(temperature)
+    buf.sub_(shift[:, None])
+    return buf.exp_()
+
+
+def _block_buffer(flat: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    rows = flat.shape[0] if chunk_size is None else min(chunk_size, flat.shape[0])
+    return torch.empty(rows, flat.shape[1], dtype=_compute_dtype(flat.dtype), device=flat.device)
 
 
 def _fused_path(dtype: torch.dtype, temperature: float) -> bool:
@@ -93,19 +104,18 @@ def _forward_blocks(flat: torch.Tensor, tok: torch.Tensor, temperature: float, c
     shift = torch.empty(0 if fused else n, dtype=cdtype, device=flat.device)
     logsum = torch.empty(0 if fused else n, dtype=cdtype, device=flat.device)
     with torch.no_grad():
+        buffer = _block_buffer(flat, chunk_size)  # (chunk, V): the only big allocation
         for s, e in _row_blocks(n, chunk_size):
             x = flat[s:e]
             idx = tok[s:e, None]
+            buf = buffer[: e - s]
             if fused:
-                lsm = torch.log_softmax(x, dim=-1)  # (n, V), the only big buffer
-                out[s:e] = lsm.gather(-1, idx).squeeze(-1)
-                del lsm
+                torch.log_softmax(x, dim=-1, out=buf)
+                out[s:e] = buf.gather(-1, idx).squeeze(-1)
                 continue
             m = x.amax(dim=-1).to(cdtype) / temperature  # (n,) max of the scaled logits
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            z = _block_shifted_exp(x, m, temperature, cdtype)  # (n, V), the only big buffer
-            ls = z.sum(dim=-1).log_()
-            del z
+            ls = _block_shifted_exp(x, m, temperature, buf).sum(dim=-1).log_()
             picked = x.gather(-1, idx).squeeze(-1).to(cdtype) / temperature
             shift[s:e] = m
             logsum[s:e] = ls
@@ -133,17 +143,22 @@ class _TokenLogprobsFn(torch.autograd.Function):
         fused = _fused_path(flat.dtype, temperature)
         grad = torch.empty_like(flat)
         g = grad_out.to(cdtype) / temperature  # (n,)
+        if grad.dtype == cdtype:
+            buffer = None  # write each block straight into the gradient
+        else:
+            buffer = _block_buffer(flat, chunk_size)
         for s, e in _row_blocks(flat.shape[0], chunk_size):
             # d/dx_v [x_tok/tau - lse(x/tau)] = (1[v == tok] - softmax(x/tau)_v) / tau
+            p = grad[s:e] if buffer is None else buffer[: e - s]
             if fused:
-                p = torch.softmax(flat[s:e], dim=-1)  # (n, V)
+                torch.softmax(flat[s:e], dim=-1, out=p)
             else:
-                p = _block_shifted_exp(flat[s:e], shift[s:e], temperature, cdtype)  # exp(x/tau - m)
+                _block_shifted_exp(flat[s:e], shift[s:e], temperature, p)  # exp(x/tau - m)
                 p.mul_(torch.exp(-logsum[s:e])[:, None])  # softmax(x / tau)
             p.neg_().scatter_add_(-1, tok[s:e, None], torch.ones_like(p[:, :1]))
             p.mul_(g[s:e, None])
-            grad[s:e] = p
-            del p
+            if buffer is not None:
+                grad[s:e] = p
         return grad, None, None, None
 
 
