@@ -30,10 +30,10 @@ divided by the global count, and **summing** (not averaging) the micro-batch los
 full-batch loss exactly, in every mode. Without them the local counts are used, which is right
 for a single batch; averaging local token-means over micro-batches with different token
 counts is *not* the full-batch token-mean (TRL's ``bnpo`` has this problem, its ``dapo`` passes
-the global token count). (verl's ``agg_loss`` divides ``seq-mean-token-sum-norm`` by the
-constant length only -- a factor :math:`N_{seq}` from Dr. GRPO's and TRL's form -- and takes the
-constant from the tensor's width ``T``; here ``max_len`` must be given, because the padded
-width of a micro-batch is not a constant.)
+the global token count). (verl's ``agg_loss``, in the version read for this book, divides
+``seq-mean-token-sum-norm`` by the constant length only -- a factor :math:`N_{seq}` away from
+Dr. GRPO's and TRL's form -- and takes that constant from the tensor's width ``T``; here
+``max_len`` must be given, because the padded width of a micro-batch is not a constant.)
 
 A row with no response token contributes 0 (its token-mean is defined as 0) and is still
 counted in :math:`N_{seq}`. An all-masked micro-batch returns 0 (with a graph), never NaN.
