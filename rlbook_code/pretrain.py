@@ -337,7 +337,7 @@ python -m rlbook_code.pretrain --out rlbook_code/assets/tiny-qwen3-spell {args}
 Supervised fine-tuning from random initialisation, loss on the answer and EOS tokens only;
 AdamW (betas 0.9/0.95, weight decay {c['weight_decay']}), batch {c['batch_size']}, learning rate
 {c['lr']} constant after {c['warmup_steps']} linear warm-up steps, gradient clipping {c['grad_clip']},
-float32 on CPU with {c['threads']} threads. Every {c['eval_every']} steps the sampled accuracy on
+float32 on CPU, {c['threads']} torch thread(s). Every {c['eval_every']} steps the sampled accuracy on
 {c['select_n']} held-out items (`eval_items({c['select_n']}, seed=1)`) was measured; training
 stopped once it passed {c['stop_above']}, and the checkpoint closest to {c['target']} was kept:
 step **{summary['selected_step']}** (selection accuracy {summary['selection_sampled_accuracy']:.3f}).
