@@ -13,7 +13,7 @@ import torch
 from rlbook_code.models import DEFAULT_MODEL, ModelLoadError, default_dtype, load_policy
 from rlbook_code.pretrain import CHAT_TEMPLATE, build_model, build_tokenizer
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models gain nothing from a 2nd thread; under load it loses a lot
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from rlbook_code.rollout import (
     position_ids_from_mask,
 )
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models gain nothing from a 2nd thread; under load it loses a lot
 
 PROMPTS = ["Spell this word backward (example: sun -> nus): neon", "hi", "reverse: abcde"]
 
