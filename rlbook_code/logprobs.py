@@ -73,9 +73,16 @@ def _block_shifted_exp(
     return buf.exp_()
 
 
-def _block_buffer(flat: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-    rows = flat.shape[0] if chunk_size is None else min(chunk_size, flat.shape[0])
-    return torch.empty(rows, flat.shape[1], dtype=_compute_dtype(flat.dtype), device=flat.device)
+def _block_buffer(x3: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    rows = x3.shape[1] if chunk_size is None else min(chunk_size, x3.shape[1])
+    return torch.empty(rows, x3.shape[2], dtype=_compute_dtype(x3.dtype), device=x3.device)
+
+
+def _blocks(x3: torch.Tensor, chunk_size: int | None):
+    """(g, start, end) blocks of rows of a (G, R, V) tensor; a block never spans two g."""
+    for g in range(x3.shape[0]):
+        for s, e in _row_blocks(x3.shape[1], chunk_size):
+            yield g, s, e
 
 
 def _fused_path(dtype: torch.dtype, temperature: float) -> bool:
@@ -89,47 +96,47 @@ def _fused_path(dtype: torch.dtype, temperature: float) -> bool:
     return dtype == _compute_dtype(dtype) and temperature == 1.0
 
 
-def _forward_blocks(flat: torch.Tensor, tok: torch.Tensor, temperature: float, chunk_size: int | None):
-    """(n, V) logits, (n,) tokens -> (logp, shift, logsum), each (n,) in the compute dtype, no grad.
+def _forward_blocks(x3: torch.Tensor, tok: torch.Tensor, temperature: float, chunk_size: int | None):
+    """(G, R, V) logits, (G, R) tokens -> (logp, shift, logsum), each (G, R) in the compute dtype.
 
     Off the fused path, ``logsumexp(x / tau) = shift + logsum`` with ``shift`` the row max of
     ``x / tau``; the log-prob is formed as ``(x_tok / tau - shift) - logsum`` so that large
     logits (e.g. 1e4 in float32) do not lose precision to cancellation. On the fused path
-    ``shift`` and ``logsum`` are not needed and are returned empty.
+    ``shift`` and ``logsum`` are not needed and are returned empty. No autograd.
     """
-    cdtype = _compute_dtype(flat.dtype)
-    n = flat.shape[0]
-    fused = _fused_path(flat.dtype, temperature)
-    out = torch.empty(n, dtype=cdtype, device=flat.device)
-    shift = torch.empty(0 if fused else n, dtype=cdtype, device=flat.device)
-    logsum = torch.empty(0 if fused else n, dtype=cdtype, device=flat.device)
+    cdtype = _compute_dtype(x3.dtype)
+    G, R, _ = x3.shape
+    fused = _fused_path(x3.dtype, temperature)
+    out = torch.empty(G, R, dtype=cdtype, device=x3.device)
+    shift = torch.empty((0, 0) if fused else (G, R), dtype=cdtype, device=x3.device)
+    logsum = torch.empty((0, 0) if fused else (G, R), dtype=cdtype, device=x3.device)
     with torch.no_grad():
-        buffer = _block_buffer(flat, chunk_size)  # (chunk, V): the only big allocation
-        for s, e in _row_blocks(n, chunk_size):
-            x = flat[s:e]
-            idx = tok[s:e, None]
+        buffer = _block_buffer(x3, chunk_size)  # (chunk, V): the only big allocation
+        for g, s, e in _blocks(x3, chunk_size):
+            x = x3[g, s:e]  # (n, V), a view
+            idx = tok[g, s:e, None]
             buf = buffer[: e - s]
             if fused:
                 torch.log_softmax(x, dim=-1, out=buf)
-                out[s:e] = buf.gather(-1, idx).squeeze(-1)
+                out[g, s:e] = buf.gather(-1, idx).squeeze(-1)
                 continue
             m = x.amax(dim=-1).to(cdtype) / temperature  # (n,) max of the scaled logits
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             ls = _block_shifted_exp(x, m, temperature, buf).sum(dim=-1).log_()
             picked = x.gather(-1, idx).squeeze(-1).to(cdtype) / temperature
-            shift[s:e] = m
-            logsum[s:e] = ls
-            out[s:e] = (picked - m) - ls
+            shift[g, s:e] = m
+            logsum[g, s:e] = ls
+            out[g, s:e] = (picked - m) - ls
     return out, shift, logsum
 
 
 class _TokenLogprobsFn(torch.autograd.Function):
-    """gather - logsumexp with a block-recomputing backward (saves only (n,) statistics)."""
+    """gather - logsumexp with a block-recomputing backward (saves only (G, R) statistics)."""
 
     @staticmethod
-    def forward(ctx, flat, tok, temperature, chunk_size):  # type: ignore[override]
-        out, shift, logsum = _forward_blocks(flat, tok, temperature, chunk_size)
-        ctx.save_for_backward(flat, tok, shift, logsum)
+    def forward(ctx, x3, tok, temperature, chunk_size):  # type: ignore[override]
+        out, shift, logsum = _forward_blocks(x3, tok, temperature, chunk_size)
+        ctx.save_for_backward(x3, tok, shift, logsum)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         return out
@@ -137,29 +144,43 @@ class _TokenLogprobsFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        flat, tok, shift, logsum = ctx.saved_tensors
+        x3, tok, shift, logsum = ctx.saved_tensors
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
-        cdtype = _compute_dtype(flat.dtype)
-        fused = _fused_path(flat.dtype, temperature)
-        grad = torch.empty_like(flat)
-        g = grad_out.to(cdtype) / temperature  # (n,)
-        if grad.dtype == cdtype:
-            buffer = None  # write each block straight into the gradient
-        else:
-            buffer = _block_buffer(flat, chunk_size)
-        for s, e in _row_blocks(flat.shape[0], chunk_size):
+        cdtype = _compute_dtype(x3.dtype)
+        fused = _fused_path(x3.dtype, temperature)
+        grad = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)  # contiguous (G, R, V)
+        g_scaled = grad_out.to(cdtype) / temperature  # (G, R)
+        buffer = None if grad.dtype == cdtype else _block_buffer(x3, chunk_size)
+        for g, s, e in _blocks(x3, chunk_size):
             # d/dx_v [x_tok/tau - lse(x/tau)] = (1[v == tok] - softmax(x/tau)_v) / tau
-            p = grad[s:e] if buffer is None else buffer[: e - s]
+            p = grad[g, s:e] if buffer is None else buffer[: e - s]  # written in place
             if fused:
-                torch.softmax(flat[s:e], dim=-1, out=p)
+                torch.softmax(x3[g, s:e], dim=-1, out=p)
             else:
-                _block_shifted_exp(flat[s:e], shift[s:e], temperature, p)  # exp(x/tau - m)
-                p.mul_(torch.exp(-logsum[s:e])[:, None])  # softmax(x / tau)
-            p.neg_().scatter_add_(-1, tok[s:e, None], torch.ones_like(p[:, :1]))
-            p.mul_(g[s:e, None])
+                _block_shifted_exp(x3[g, s:e], shift[g, s:e], temperature, p)  # exp(x/tau - m)
+                p.mul_(torch.exp(-logsum[g, s:e])[:, None])  # softmax(x / tau)
+            p.neg_().scatter_add_(-1, tok[g, s:e, None], torch.ones_like(p[:, :1]))
+            p.mul_(g_scaled[g, s:e, None])
             if buffer is not None:
-                grad[s:e] = p
+                grad[g, s:e] = p
         return grad, None, None, None
+
+
+def _as_3d(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """View (..., V) logits as (G, R, V) without copying when possible.
+
+    Contiguous logits become (1, N, V), so blocks run over all positions. A strided view
+    such as ``logits[:, :-1]`` cannot be flattened without a full copy; it is kept as
+    (B, T, V) and blocks run within each sequence.
+    """
+    V = logits.shape[-1]
+    try:
+        return logits.view(1, -1, V), tokens.reshape(1, -1)
+    except RuntimeError:
+        if logits.dim() == 2:
+            return logits[None], tokens.reshape(1, -1)
+        x3 = logits.reshape(-1, logits.shape[-2], V)  # a copy only for exotic >3-d layouts
+        return x3, tokens.reshape(-1, tokens.shape[-1])
 
 
 def token_logprobs(
@@ -182,7 +203,9 @@ def token_logprobs(
             sampler did.
         chunk_size: number of rows (positions, after flattening ``B*T``) per block; None
             processes all rows in one block. Peak extra memory is about one float32
-            ``(chunk_size, V)`` block plus the output, in the forward and the backward.
+            ``(chunk_size, V)`` block plus the output, in the forward and the backward (plus
+            the ``(B, T, V)`` gradient itself). A strided view such as ``logits[:, :-1]`` is
+            not copied: its blocks then run within each sequence (at most ``T`` rows).
 
     Returns:
         ``(B, T)`` log-probabilities, float32 (float64 for float64 logits), ``<= 0``.
@@ -208,11 +231,10 @@ def token_logprobs(
             f"token ids must lie in [0, V) = [0, {V}), got range [{int(tokens.min())}, {int(tokens.max())}]"
         )
     lead = logits.shape[:-1]
-    flat = logits.reshape(-1, V)  # (B*T, V), a view for contiguous logits
-    tok = tokens.reshape(-1).long()
-    if flat.shape[0] == 0:
+    if tokens.numel() == 0:
         return torch.zeros(lead, dtype=_compute_dtype(logits.dtype), device=logits.device)
-    out = _TokenLogprobsFn.apply(flat, tok, float(temperature), chunk_size)
+    x3, tok3 = _as_3d(logits, tokens.long())  # (G, R, V), (G, R): no copy of the logits
+    out = _TokenLogprobsFn.apply(x3, tok3, float(temperature), chunk_size)
     return out.reshape(lead)
 
 

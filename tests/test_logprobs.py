@@ -152,3 +152,24 @@ def test_masked_bad_inputs():
         masked_sum(x, torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"\(2, 3\).*\(3, 2\)"):
         masked_mean(x, torch.ones(3, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shifted_strided_view(chunk_size, temperature):
+    """logits[:, :-1] with input_ids[:, 1:] (the shift) is a strided view: same values, same grads."""
+    logits, ids = _data(B=3, T=6, V=9)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    got = token_logprobs(a[:, :-1], ids[:, 1:], temperature, chunk_size)
+    ref = _naive(b[:, :-1], ids[:, 1:], temperature)
+    assert got.shape == (3, 5) and torch.allclose(got, ref, rtol=0, atol=1e-13)
+    w = torch.randn(3, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
+    (got * w).sum().backward()
+    (ref * w).sum().backward()
+    assert torch.allclose(a.grad, b.grad, rtol=0, atol=1e-13)
+    assert (a.grad[:, -1] == 0).all()
+    bf = logits.to(torch.bfloat16)
+    assert torch.allclose(
+        token_logprobs(bf[:, 1:], ids[:, :-1], temperature, chunk_size),
+        _naive(bf[:, 1:].double(), ids[:, :-1], temperature).float(), atol=2e-5)
