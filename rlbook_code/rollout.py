@@ -202,9 +202,10 @@ def generate(
         group_size: ``G`` samples per prompt, laid out contiguously.
         max_new_tokens: completion length cap ``T_max``.
         temperature: 0 means greedy decoding; otherwise sampling at this temperature.
-        top_p: nucleus threshold (1.0 = off). ``top_k=0`` is always passed, so the
-            model's own ``generation_config`` defaults (Qwen ships top_k=20, top_p=0.95)
-            never silently change the sampling distribution.
+        top_p: nucleus threshold (1.0 = off). ``top_k=0`` is always passed, and the
+            model's own ``generation_config`` (Qwen3 ships top_k=20, top_p=0.95,
+            temperature=0.6; others a repetition penalty) is ignored during the call, so
+            nothing silently changes the sampling distribution.
         seed: seeds the sampler (the global torch RNG state is restored afterwards).
 
     Returns:
@@ -247,12 +248,22 @@ def generate(
         return_dict_in_generate=True,
         use_cache=True,
     )
+    # transformers fills every field left unset (None) from model.generation_config, e.g. a
+    # repetition_penalty or min_p shipped with a checkpoint. Swap in a neutral one for the call
+    # so that the sampling distribution is exactly softmax(logits / temperature) (+ top_p).
+    saved_config = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=saved_config.bos_token_id, eos_token_id=eos_ids, pad_token_id=pad_id
+    )
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=gen_config
-        )
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=gen_config
+            )
+    finally:
+        model.generation_config = saved_config
     P = prompt_ids.shape[1]
     completion_ids = out.sequences[:, P:]  # (N, T)
     completion_mask = completion_mask_from_eos(completion_ids, eos_ids)  # (N, T)

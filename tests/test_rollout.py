@@ -193,3 +193,29 @@ def test_evaluate_on_random_model(tiny):
     assert 1 <= res["mean_length"] <= 6
     assert res == evaluate(model, tok, task, items, max_new_tokens=6, greedy=False, batch_size=4, seed=0)
     assert not model.training
+
+
+def test_model_generation_defaults_do_not_leak(tiny, tmp_path):
+    """Qwen3 ships generation defaults (do_sample, temperature 0.6, top_k 20, top_p 0.95); the
+    sampler must use the arguments it is given, or rescoring would not match the sampler."""
+    import warnings
+
+    model, tok = tiny
+    saved = model.generation_config.to_dict()
+    model.generation_config.update(do_sample=True, temperature=0.6, top_k=20, top_p=0.95, repetition_penalty=1.3)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            b = generate(model, tok, PROMPTS, group_size=4, max_new_tokens=8, temperature=1.0, seed=2)
+            g = generate(model, tok, PROMPTS, group_size=1, max_new_tokens=8, temperature=0.0, seed=2)
+        assert (completion_logprobs(model, b).logprobs - b.logprobs).abs().max() <= 1e-5
+        # greedy ignores the model's sampling defaults (and its repetition penalty would change argmax)
+        logits = model(
+            input_ids=g.input_ids, attention_mask=g.attention_mask.long(),
+            position_ids=position_ids_from_mask(g.attention_mask),
+        ).logits
+        P = g.prompt_ids.shape[1]
+        pred = logits[:, P - 1 : -1].argmax(-1)
+        assert torch.equal(pred[g.completion_mask], g.completion_ids[g.completion_mask])
+    finally:
+        model.generation_config = type(model.generation_config).from_dict(saved)
