@@ -58,10 +58,10 @@ def _row_blocks(n_rows: int, chunk_size: int | None):
 def _block_shifted_exp(
     x: torch.Tensor, shift: torch.Tensor, temperature: float, buf: torch.Tensor
 ) -> torch.Tensor:
-    """exp(x / temperature - shift[:, None]) for a (n, V) block, computed in place in ``buf``.
+    """exp(x / temperature - shift[..., None]) for a (..., V) block, computed in place in ``buf``.
 
-    ``buf`` is a (n, V) buffer in the compute dtype (a view of one buffer reused by every
-    block, so the pages are touched once rather than once per block).
+    ``buf`` has the block's shape, in the compute dtype (a view of one buffer reused by every
+    block, so its pages are touched once rather than once per block).
     """
     if temperature != 1.0 and x.dtype == buf.dtype:
         torch.div(x, temperature, out=buf)
@@ -69,20 +69,41 @@ def _block_shifted_exp(
         buf.copy_(x)  # casts bf16/fp16 to float32
         if temperature != 1.0:
             buf.div_(temperature)
-    buf.sub_(shift[:, None])
+    buf.sub_(shift[..., None])
     return buf.exp_()
 
 
+def _block_rows(x3: torch.Tensor, chunk_size: int | None) -> int:
+    G, R, _ = x3.shape
+    return G * R if chunk_size is None else min(chunk_size, G * R)
+
+
 def _block_buffer(x3: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-    rows = x3.shape[1] if chunk_size is None else min(chunk_size, x3.shape[1])
-    return torch.empty(rows, x3.shape[2], dtype=_compute_dtype(x3.dtype), device=x3.device)
+    """One flat buffer for the largest block, in the compute dtype."""
+    n = _block_rows(x3, chunk_size)
+    return torch.empty(n * x3.shape[2], dtype=_compute_dtype(x3.dtype), device=x3.device)
 
 
 def _blocks(x3: torch.Tensor, chunk_size: int | None):
-    """(g, start, end) blocks of rows of a (G, R, V) tensor; a block never spans two g."""
-    for g in range(x3.shape[0]):
-        for s, e in _row_blocks(x3.shape[1], chunk_size):
-            yield g, s, e
+    """Blocks ``(g0, g1, s, e)`` of a (G, R, V) tensor, i.e. slices ``x3[g0:g1, s:e]``.
+
+    Each block holds at most ``chunk_size`` rows: whole sequences ``g0:g1`` when a block
+    can hold at least one sequence (``s, e = 0, R``), else part of one sequence.
+    """
+    G, R, _ = x3.shape
+    n = _block_rows(x3, chunk_size)
+    if n >= R:
+        k = n // R
+        for g0 in range(0, G, k):
+            yield g0, min(g0 + k, G), 0, R
+    else:
+        for g in range(G):
+            for s, e in _row_blocks(R, n):
+                yield g, g + 1, s, e
+
+
+def _view(buffer: torch.Tensor, k: int, n: int, V: int) -> torch.Tensor:
+    return buffer[: k * n * V].view(k, n, V)
 
 
 def _fused_path(dtype: torch.dtype, temperature: float) -> bool:
@@ -105,28 +126,28 @@ def _forward_blocks(x3: torch.Tensor, tok: torch.Tensor, temperature: float, chu
     ``shift`` and ``logsum`` are not needed and are returned empty. No autograd.
     """
     cdtype = _compute_dtype(x3.dtype)
-    G, R, _ = x3.shape
+    G, R, V = x3.shape
     fused = _fused_path(x3.dtype, temperature)
     out = torch.empty(G, R, dtype=cdtype, device=x3.device)
     shift = torch.empty((0, 0) if fused else (G, R), dtype=cdtype, device=x3.device)
     logsum = torch.empty((0, 0) if fused else (G, R), dtype=cdtype, device=x3.device)
     with torch.no_grad():
-        buffer = _block_buffer(x3, chunk_size)  # (chunk, V): the only big allocation
-        for g, s, e in _blocks(x3, chunk_size):
-            x = x3[g, s:e]  # (n, V), a view
-            idx = tok[g, s:e, None]
-            buf = buffer[: e - s]
+        buffer = _block_buffer(x3, chunk_size)  # the only big allocation: one block
+        for g0, g1, s, e in _blocks(x3, chunk_size):
+            x = x3[g0:g1, s:e]  # (k, n, V), a view of the logits
+            idx = tok[g0:g1, s:e, None]  # (k, n, 1)
+            buf = _view(buffer, g1 - g0, e - s, V)
             if fused:
                 torch.log_softmax(x, dim=-1, out=buf)
-                out[g, s:e] = buf.gather(-1, idx).squeeze(-1)
+                out[g0:g1, s:e] = buf.gather(-1, idx).squeeze(-1)
                 continue
-            m = x.amax(dim=-1).to(cdtype) / temperature  # (n,) max of the scaled logits
+            m = x.amax(dim=-1).to(cdtype) / temperature  # (k, n) max of the scaled logits
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             ls = _block_shifted_exp(x, m, temperature, buf).sum(dim=-1).log_()
             picked = x.gather(-1, idx).squeeze(-1).to(cdtype) / temperature
-            shift[g, s:e] = m
-            logsum[g, s:e] = ls
-            out[g, s:e] = (picked - m) - ls
+            shift[g0:g1, s:e] = m
+            logsum[g0:g1, s:e] = ls
+            out[g0:g1, s:e] = (picked - m) - ls
     return out, shift, logsum
 
 
@@ -148,30 +169,31 @@ class _TokenLogprobsFn(torch.autograd.Function):
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         cdtype = _compute_dtype(x3.dtype)
         fused = _fused_path(x3.dtype, temperature)
+        V = x3.shape[2]
         grad = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)  # contiguous (G, R, V)
         g_scaled = grad_out.to(cdtype) / temperature  # (G, R)
         buffer = None if grad.dtype == cdtype else _block_buffer(x3, chunk_size)
-        for g, s, e in _blocks(x3, chunk_size):
+        for g0, g1, s, e in _blocks(x3, chunk_size):
             # d/dx_v [x_tok/tau - lse(x/tau)] = (1[v == tok] - softmax(x/tau)_v) / tau
-            p = grad[g, s:e] if buffer is None else buffer[: e - s]  # written in place
+            p = grad[g0:g1, s:e] if buffer is None else _view(buffer, g1 - g0, e - s, V)
             if fused:
-                torch.softmax(x3[g, s:e], dim=-1, out=p)
+                torch.softmax(x3[g0:g1, s:e], dim=-1, out=p)
             else:
-                _block_shifted_exp(x3[g, s:e], shift[g, s:e], temperature, p)  # exp(x/tau - m)
-                p.mul_(torch.exp(-logsum[g, s:e])[:, None])  # softmax(x / tau)
-            p.neg_().scatter_add_(-1, tok[g, s:e, None], torch.ones_like(p[:, :1]))
-            p.mul_(g_scaled[g, s:e, None])
+                _block_shifted_exp(x3[g0:g1, s:e], shift[g0:g1, s:e], temperature, p)  # exp(x/tau - m)
+                p.mul_(torch.exp(-logsum[g0:g1, s:e])[..., None])  # softmax(x / tau)
+            p.neg_().scatter_add_(-1, tok[g0:g1, s:e, None], torch.ones_like(p[..., :1]))
+            p.mul_(g_scaled[g0:g1, s:e, None])
             if buffer is not None:
-                grad[g, s:e] = p
+                grad[g0:g1, s:e] = p
         return grad, None, None, None
 
 
 def _as_3d(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """View (..., V) logits as (G, R, V) without copying when possible.
 
-    Contiguous logits become (1, N, V), so blocks run over all positions. A strided view
-    such as ``logits[:, :-1]`` cannot be flattened without a full copy; it is kept as
-    (B, T, V) and blocks run within each sequence.
+    Contiguous logits become (1, N, V). A strided view such as ``logits[:, :-1]`` cannot be
+    flattened without a full copy; it is kept as (B, T, V) and blocks are groups of whole
+    sequences (or parts of one sequence when ``chunk_size < T``).
     """
     V = logits.shape[-1]
     try:
@@ -205,7 +227,7 @@ def token_logprobs(
             processes all rows in one block. Peak extra memory is about one float32
             ``(chunk_size, V)`` block plus the output, in the forward and the backward (plus
             the ``(B, T, V)`` gradient itself). A strided view such as ``logits[:, :-1]`` is
-            not copied: its blocks then run within each sequence (at most ``T`` rows).
+            not copied: its blocks are then whole sequences, or parts of one sequence.
 
     Returns:
         ``(B, T)`` log-probabilities, float32 (float64 for float64 logits), ``<= 0``.
