@@ -579,6 +579,7 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
     from rlbook_code import rollout
 
     cfg, G = state.cfg, state.cfg.group_size
+    state.policy.eval()
     kept, kept_items, kept_scores = [], [], []
     n_kept = n_groups = n_zero_var = 0
     last = None
