@@ -280,20 +280,24 @@ def entropy_from_logits(
         ValueError: as for :func:`token_logprobs`.
     """
     _check_logits(logits, temperature, chunk_size)
-    V = logits.shape[-1]
     lead = logits.shape[:-1]
     cdtype = _compute_dtype(logits.dtype)
-    flat = logits.reshape(-1, V)
-    parts = []
-    for s, e in _row_blocks(flat.shape[0], chunk_size):
-        z = flat[s:e].to(cdtype) / temperature  # (n, V)
+    if logits.numel() == 0:
+        return torch.zeros(lead, dtype=cdtype, device=logits.device)
+    x3, _ = _as_3d(logits, torch.empty(lead, dtype=torch.long, device=logits.device))
+    out = []
+    for g0, g1, s, e in _blocks(x3, chunk_size):
+        z = x3[g0:g1, s:e].to(cdtype) / temperature  # (k, n, V)
         logp = torch.log_softmax(z, dim=-1)
         # p * logp with p = 0 and logp = -inf (a -inf logit) contributes 0, not NaN
         plogp = torch.where(logp > -math.inf, logp.exp() * logp, torch.zeros((), dtype=cdtype, device=z.device))
-        parts.append(-plogp.sum(dim=-1))
-    if not parts:
-        return torch.zeros(lead, dtype=cdtype, device=logits.device)
-    return torch.cat(parts).reshape(lead)
+        out.append(-plogp.sum(dim=-1))  # (k, n)
+    G, R, _ = x3.shape
+    if len(out) == 1:
+        return out[0].reshape(lead)
+    if out[0].shape[1] == R:  # blocks of whole sequences
+        return torch.cat(out, dim=0).reshape(lead)
+    return torch.cat([o.reshape(-1) for o in out]).reshape(lead)  # blocks within sequences, in order
 
 
 def _check_masked(x: torch.Tensor, mask: torch.Tensor) -> None:

@@ -173,3 +173,13 @@ def test_shifted_strided_view(chunk_size, temperature):
     assert torch.allclose(
         token_logprobs(bf[:, 1:], ids[:, :-1], temperature, chunk_size),
         _naive(bf[:, 1:].double(), ids[:, :-1], temperature).float(), atol=2e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 4, 7])
+def test_entropy_strided_and_chunked(chunk_size):
+    logits, _ = _data(B=3, T=6, V=9)
+    p = torch.softmax(logits[:, :-1] / 0.8, -1)
+    ref = -(p * p.log()).sum(-1)
+    got = entropy_from_logits(logits[:, :-1], 0.8, chunk_size=chunk_size)
+    assert got.shape == (3, 5) and torch.allclose(got, ref, atol=1e-13)
+    assert torch.allclose(entropy_from_logits(logits, 0.8, chunk_size), -(torch.softmax(logits / 0.8, -1) * torch.log_softmax(logits / 0.8, -1)).sum(-1), atol=1e-13)
