@@ -228,10 +228,12 @@ class TaskMixture:
         idx = range(len(self.specs))
         for _ in range(n):
             i = self._rng.choices(idx, weights=self.weights)[0]
-            while True:
+            for _attempt in range(1000):
                 item = self._next(self._datasets[i], self._cursors, i)
                 if not self.is_heldout(item):
                     break
+            else:
+                raise ValueError(f"dataset {self.specs[i]['name']!r} gave 1000 held-out items in a row")
             items.append(item)
         return items
 
