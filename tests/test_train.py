@@ -310,3 +310,16 @@ def test_plot_runs_with_seed_bands(tmp_path):
     assert mean[0] == pytest.approx(0.11) and lo[0] == pytest.approx(0.1) and hi[0] == pytest.approx(0.12)
     fig = plotting.plot_runs({"GRPO": runs}, keys=("reward_mean", "eval/sampled_accuracy"))
     assert len(fig.axes) == 2 and fig.axes[0].get_xlabel() == "step"
+
+
+def test_cli_runs_and_resumes(tiny_model, tmp_path, fake_reward, capsys):
+    run = tmp_path / "cli"
+    common = ["--set", f"model_name={tiny_model}", "--set", "prompts_per_step=2", "--set", "group_size=4",
+              "--set", "max_new_tokens=4", "--set", "eval_size=2", "--set", "eval_sampled=false",
+              "--set", "progress=false", "--set", "tensorboard=false", "--set", "num_threads=1",
+              "--set", f"run_dir={run}"]
+    assert T.main(["--config", str(CONFIGS[0].with_name("grpo.yaml")), "--set", "steps=1", *common]) == 0
+    assert "run folder" in capsys.readouterr().out
+    assert (run / "final" / "config.json").exists()
+    assert T.main(["--resume", str(run), "--set", "steps=2"]) == 0
+    assert [r["step"] for r in T.read_metrics(run)] == [0, 1, 2]
