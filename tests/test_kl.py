@@ -145,3 +145,25 @@ def test_gradients_as_losses_by_enumeration():
     assert torch.allclose(expected_grad(kl_k1), torch.zeros(6, dtype=F64), atol=1e-12)
     assert torch.allclose(expected_grad(kl_k2), g_rev, atol=1e-12)
     assert torch.allclose(expected_grad(kl_k3), g_fwd, atol=1e-12)
+
+
+def test_parity_with_trl_and_verl_formulas():
+    """Same direction and value as the field's reference implementations (formulas written out).
+
+    TRL GRPOTrainer: per_token_kl = exp(ref - logp) - (ref - logp) - 1.
+    verl core_algos.kl_penalty "low_var_kl"/"k3": kl = clamp(ref - logp, -20, 20);
+    kld = clamp(exp(kl) - kl - 1, -10, 10); "kl"/"k1": logp - ref; "mse"/"k2": 0.5 (logp - ref)^2.
+    """
+    g = torch.Generator().manual_seed(7)
+    logp = -torch.rand(64, 16, dtype=F64, generator=g) * 6
+    ref = -torch.rand(64, 16, dtype=F64, generator=g) * 6
+    trl_k3 = torch.exp(ref - logp) - (ref - logp) - 1
+    kl = torch.clamp(ref - logp, -20, 20)
+    verl_k3 = torch.clamp(torch.exp(kl) - kl - 1, -10, 10)
+    ours = kl_k3(logp, ref)
+    assert torch.allclose(ours, trl_k3, rtol=1e-12, atol=1e-12)
+    small = verl_k3 < 10  # verl additionally caps the value at 10
+    assert torch.allclose(ours[small], verl_k3[small], rtol=1e-12, atol=1e-12)
+    assert torch.equal(kl_k1(logp, ref), logp - ref)
+    assert torch.allclose(kl_k2(logp, ref), 0.5 * (logp - ref).square(), rtol=0, atol=1e-15)
+    assert MAX_LOG_RATIO == 20.0  # the same log-ratio clamp as verl
