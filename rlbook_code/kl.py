@@ -25,6 +25,7 @@ __all__ = ["kl_k1", "kl_k2", "kl_k3", "MAX_LOG_RATIO"]
 #: Default bound on ``|log r|`` in :func:`kl_k3`. exp(20) ~ 4.9e8 is finite in bfloat16,
 #: float32 and float64 (not in float16: pass a smaller bound, e.g. 10, for float16 inputs);
 #: a token whose log-ratio is beyond it is an outlier whose k3 would otherwise dominate the mean.
+#: It is the same log-ratio clamp as verl's ``low_var_kl`` (which also caps k3 itself at 10).
 MAX_LOG_RATIO = 20.0
 
 
