@@ -43,9 +43,10 @@ QWEN3_0_6B = dict(
 SMOKE = dict(QWEN3_0_6B, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=4096)
 
-# The book's defaults for Qwen3-0.6B on one GPU (keep in step with book/gpu.md).
-DEFAULTS = dict(prompts_per_step=8, group_size=8, max_new_tokens=256, micro_batch_size=16,
-                gradient_checkpointing=True, dtype="bfloat16", lr=1e-6)
+# The book's settings for Qwen3-0.6B on one 24 GB GPU (book/gpu.md; keep the two in step).
+DEFAULTS = dict(prompts_per_step=16, group_size=8, max_new_tokens=256, micro_batch_size=8,
+                generation_batch_size=2, gradient_checkpointing=True, dtype="float32",
+                autocast_bf16=True, answer_format="tags", lr=1e-6, beta=0.0)
 
 
 def build_model_folder(folder: Path, dims: dict, seed: int = 0) -> int:
@@ -87,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=DEFAULTS["group_size"])
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
     ap.add_argument("--micro-batch-size", type=int, default=DEFAULTS["micro_batch_size"])
+    ap.add_argument("--generation-batch-size", type=int, default=DEFAULTS["generation_batch_size"],
+                    help="prompts per generate call")
     ap.add_argument("--no-gradient-checkpointing", action="store_true")
-    ap.add_argument("--dtype", default=DEFAULTS["dtype"], choices=["bfloat16", "float32", "float16"])
+    ap.add_argument("--dtype", default=DEFAULTS["dtype"], choices=["bfloat16", "float32", "float16"],
+                    help="parameter dtype (default float32, with bf16 autocast for the forward passes)")
+    ap.add_argument("--no-autocast", action="store_true", help="no bf16 autocast")
     ap.add_argument("--steps", type=int, default=2, help="steps to run; the last is reported (default 2)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
     ap.add_argument("--smoke", action="store_true", help="run on CPU with a shrunken model (checks the script)")
@@ -117,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.perf_counter() - t0
         overrides = [
             f"model_name={folder}", f"device={device}", f"dtype={args.dtype if not args.smoke else 'float32'}",
+            f"autocast_bf16={str(not (args.no_autocast or args.smoke or args.dtype != 'float32')).lower()}",
+            f"answer_format={DEFAULTS['answer_format']}", f"beta={DEFAULTS['beta']}",
             f"prompts_per_step={args.prompts_per_step}", f"group_size={args.group_size}",
             f"max_new_tokens={args.max_new_tokens}", f"micro_batch_size={args.micro_batch_size}",
+            f"generation_batch_size={args.generation_batch_size}",
             f"gradient_checkpointing={str(not args.no_gradient_checkpointing).lower()}",
             f"lr={DEFAULTS['lr']}", f"steps={args.steps}", "eval_size=1", "eval_sampled=false",
             "progress=false", "tensorboard=false", f"run_dir={Path(tmp) / 'run'}", "overwrite=true",
@@ -165,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         ("device", gpu_name),
         ("model", f"Qwen3-0.6B-shaped, random weights, {n_params / 1e6:.1f}M parameters"
                   + (" (SHRUNKEN: --smoke)" if args.smoke else "")),
-        ("dtype / gradient checkpointing", f"{cfg.dtype} / {cfg.gradient_checkpointing}"),
+        ("dtype / bf16 autocast / gradient checkpointing",
+         f"{cfg.dtype} / {cfg.autocast_bf16} / {cfg.gradient_checkpointing}"),
         ("batch", f"{cfg.prompts_per_step} prompts x G={cfg.group_size} = {n_seq} completions, "
-                  f"max_new_tokens {cfg.max_new_tokens}, micro-batch {cfg.micro_batch_size}"),
+                  f"max_new_tokens {cfg.max_new_tokens}, micro-batch {cfg.micro_batch_size}, "
+                  f"generation batch {cfg.generation_batch_size} prompts"),
         ("mean completion length (tokens)", f"{rec['response_length']:.1f}"),
         ("peak GPU memory (GiB)", f"{peak:.2f}"),
         ("generation + reward (s)", f"{rec['gen_s']:.2f}"),
