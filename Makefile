@@ -13,6 +13,13 @@ STAMP := $(VENV)/.installed
 MATHJAX_VERSION := 3.2.2
 MATHJAX := vendor/mathjax/es5/tex-chtml.js
 CONFIG ?= configs/grpo.yaml
+# Notebooks are checked in parallel, one kernel per worker (the training chapters use one torch
+# thread each, so two workers fill two cores). NBVAL_WORKERS=0 runs them one after another.
+NBVAL_WORKERS ?= 2
+# Order matters (--no-loadscope-reorder): the two longest chapters start at once on separate
+# workers, the short ones fill in behind them, and chapter 08 goes to whichever is free first.
+NOTEBOOKS = $(wildcard notebooks/1[0-9]_*.ipynb) $(wildcard notebooks/09_*.ipynb) \
+            $(sort $(wildcard notebooks/0[1-7]_*.ipynb)) $(wildcard notebooks/08_*.ipynb)
 
 # Headless, offline, reproducible defaults for everything below.
 export HF_HUB_OFFLINE := 1
@@ -69,7 +76,8 @@ unit: setup
 
 nbval: setup
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-	  $(BIN)/pytest --nbval notebooks/ -p no:cacheprovider --nbval-current-env --durations=0; \
+	  $(BIN)/pytest --nbval $(NOTEBOOKS) -p no:cacheprovider --nbval-current-env --durations=15 \
+	    $(if $(filter-out 0,$(NBVAL_WORKERS)),-n $(NBVAL_WORKERS) --dist loadfile --no-loadscope-reorder); \
 	else echo "no notebooks yet"; fi
 
 papermill: setup
