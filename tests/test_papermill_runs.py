@@ -43,8 +43,13 @@ def test_training_chapter_runs_headless(name, tmp_path):
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters=params,
                                cwd=str(path.parent), kernel_name="python3", progress_bar=False)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in records]
-    assert steps[-1] == params.get("steps", steps[-1]), f"the run stopped at step {steps[-1]}"
-    bad = [(r["step"], k, v) for r in records for k, v in r.items() if not math.isfinite(v)]
-    assert not bad, f"non-finite metrics (step, name, value): {bad[:10]}"
+    # one run writes run_dir/metrics.jsonl; the algorithm zoo writes one folder per run
+    files = sorted(run_dir.rglob("metrics.jsonl"))
+    assert files, f"{name} wrote no metrics.jsonl under its run_dir"
+    for file in files:
+        records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        assert records, f"{file} is empty"
+        steps = [r["step"] for r in records]
+        assert steps[-1] == params.get("steps", steps[-1]), f"{file}: the run stopped at step {steps[-1]}"
+        bad = [(r["step"], k, v) for r in records for k, v in r.items() if not math.isfinite(v)]
+        assert not bad, f"{file}: non-finite metrics (step, name, value): {bad[:10]}"
