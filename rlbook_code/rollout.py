@@ -10,6 +10,13 @@ completions are right-padded after their first EOS.
   completion with explicit ``position_ids`` and returns the log-prob of every
   completion token; on the sampler's own tokens it reproduces the sampler's
   log-probs (to ~1e-6 in float32) when ``top_p=1``.
+
+Both take ``share_prompt``: the ``G`` rows of a group share one prompt, so the prompt
+(all but its last token) can go through the model once per *group* and its key/value
+cache be repeated ``G`` times (:func:`shared_prompt_cache`). The result is the same
+function of the weights (same values to float rounding, same gradients: the backward
+pass of the repeat sums the ``G`` rows' gradients into the one prompt computation);
+only the cost changes, from ``N (P + T)`` token positions to ``N/G (P - 1) + N T``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ __all__ = [
     "completion_mask_from_eos",
     "eos_token_ids",
     "position_ids_from_mask",
+    "shared_prompt_cache",
 ]
 
 try:  # the package's own implementation (chapter 02)
@@ -184,6 +192,40 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.clamp(min=0)
 
 
+def _can_share_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int) -> bool:
+    """True when rows come in groups of ``group_size`` identical prompts with >= 2 columns and
+    at least one real token before the last column (else the plain forward pass is used)."""
+    N, P = prompt_ids.shape
+    if group_size < 2 or P < 2 or N % group_size:
+        return False
+    ids = prompt_ids.view(-1, group_size, P)
+    if not bool((ids == ids[:, :1]).all()):
+        return False
+    return bool(prompt_mask[::group_size, : P - 1].any(dim=1).all())
+
+
+def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int):
+    """Key/value cache of every prompt's first ``P - 1`` columns, computed once per group.
+
+    Args:
+        prompt_ids: ``(N, P)`` left-padded prompts, ``group_size`` identical rows in a row.
+        prompt_mask: ``(N, P)`` bool.
+        group_size: ``G``.
+
+    Returns:
+        A transformers ``DynamicCache`` holding ``N`` rows (each group's row repeated ``G``
+        times) of length ``P - 1``. Differentiable when called with gradients enabled: the
+        cached keys and values are ordinary tensors of the autograd graph.
+    """
+    first = prompt_ids[::group_size, : prompt_ids.shape[1] - 1]  # (N/G, P-1)
+    first_mask = prompt_mask[::group_size, : prompt_ids.shape[1] - 1]
+    out = model(input_ids=first, attention_mask=first_mask.long(),
+                position_ids=position_ids_from_mask(first_mask), use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    return cache
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -194,6 +236,7 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    share_prompt: bool = False,
 ) -> RolloutBatch:
     """Sample ``group_size`` completions for each prompt.
 
@@ -207,6 +250,11 @@ def generate(
             temperature=0.6; others a repetition penalty) is ignored during the call, so
             nothing silently changes the sampling distribution.
         seed: seeds the sampler (the global torch RNG state is restored afterwards).
+        share_prompt: prefill each prompt once and repeat its cache ``group_size`` times
+            (:func:`shared_prompt_cache`) instead of prefilling all ``N`` identical copies.
+            Same distribution and the same random draws; the logits may differ from the
+            unshared call by float rounding, so a sample that sits on a rounding boundary
+            can differ.
 
     Returns:
         A :class:`RolloutBatch` with ``N = len(prompts) * group_size`` rows.
@@ -259,8 +307,11 @@ def generate(
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
+            extra = {}
+            if share_prompt and _can_share_prompt(prompt_ids, prompt_mask, group_size):
+                extra["past_key_values"] = shared_prompt_cache(model, prompt_ids, prompt_mask, group_size)
             out = model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=gen_config
+                input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=gen_config, **extra
             )
     finally:
         model.generation_config = saved_config
@@ -297,6 +348,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     with_hidden: bool = False,
+    share_prompt: bool = False,
 ) -> CompletionScores:
     """Log-probs of the batch's completion tokens under ``model`` (differentiable).
 
@@ -305,6 +357,11 @@ def completion_logprobs(
     ``P - 1 + t`` score completion token ``t``. Log-probs (and entropy) are
     computed from ``logits / temperature`` in float32; no top-p truncation, so they
     equal the sampler's log-probs only for ``top_p=1``.
+
+    With ``share_prompt`` (and a batch of whole groups, ``batch.group_size > 1``) the first
+    ``P - 1`` prompt columns go through the model once per group (:func:`shared_prompt_cache`)
+    and a second pass runs the last prompt token and the completion on top of the repeated
+    cache: the same log-probs and gradients, for about ``1/G`` of the prompt's cost.
 
     Returns:
         :class:`CompletionScores` with ``logprobs (N, T)``, optionally ``entropy (N, T)``
@@ -320,20 +377,35 @@ def completion_logprobs(
     T = batch.completion_ids.shape[1]
     if T == 0:
         raise ValueError("batch has no completion tokens (T == 0)")
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attn.long(),
-        position_ids=position_ids_from_mask(attn),
-        use_cache=False,
-        output_hidden_states=with_hidden,
-        logits_to_keep=T + 1,
-    )
+    pos = position_ids_from_mask(attn)  # (N, P+T)
+    prompt_ids = batch.prompt_ids.to(device)
+    prompt_mask = batch.prompt_mask.to(device)
+    if share_prompt and _can_share_prompt(prompt_ids, prompt_mask, batch.group_size):
+        cache = shared_prompt_cache(model, prompt_ids, prompt_mask, batch.group_size)
+        out = model(  # positions P-1 .. P+T-2 on top of the cached 0 .. P-2
+            input_ids=input_ids[:, P - 1 : P + T - 1],
+            attention_mask=attn[:, : P + T - 1].long(),
+            position_ids=pos[:, P - 1 : P + T - 1],
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=with_hidden,
+        )
+        last_hidden = out.hidden_states[-1] if with_hidden else None  # (N, T, H)
+    else:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attn.long(),
+            position_ids=pos,
+            use_cache=False,
+            output_hidden_states=with_hidden,
+            logits_to_keep=T + 1,
+        )
+        last_hidden = out.hidden_states[-1][:, P - 1 : P + T - 1] if with_hidden else None  # (N, T, H)
     logits = out.logits[:, :T]  # (N, T, V): positions P-1 .. P+T-2 predict completion tokens 0 .. T-1
     tokens = batch.completion_ids.to(device)
     logp = _token_logprobs(logits, tokens, temperature=temperature).masked_fill(~mask, 0.0)
     ent = _entropy(logits, temperature=temperature).masked_fill(~mask, 0.0) if with_entropy else None
     hidden = None
     if with_hidden:
-        hidden = out.hidden_states[-1][:, P - 1 : P + T - 1]  # (N, T, H)
-        hidden = hidden.masked_fill(~mask.unsqueeze(-1), 0.0)
+        hidden = last_hidden.masked_fill(~mask.unsqueeze(-1), 0.0)
     return CompletionScores(logprobs=logp, entropy=ent, hidden=hidden)

@@ -137,6 +137,11 @@ class TrainConfig:
     """Nucleus sampling threshold. Keep 1.0 for on-policy RL: the loss scores the full softmax."""
     generation_batch_size: Optional[int] = None
     """Prompts per ``generate`` call (bounds the KV cache on a GPU); None: all prompts at once."""
+    share_prompt: bool = True
+    """Run each prompt through the model once per group, not ``G`` times, when sampling and
+    scoring (``rollout.shared_prompt_cache``): same log-probs and gradients to float rounding,
+    much less compute when prompts are longer than completions. Minibatches are then drawn as
+    whole groups. False: every row is a full forward pass (the plain reference)."""
 
     # --- optimisation --------------------------------------------------------------------
     lr: float = 5e-4
@@ -591,7 +596,8 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
         with _autocast(cfg):
             parts = [rollout.generate(state.policy, state.tokenizer, prompts[i:i + chunk], group_size=G,
                                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                      top_p=cfg.top_p, seed=_seed_for(cfg, step, round_, salt=i))
+                                      top_p=cfg.top_p, seed=_seed_for(cfg, step, round_, salt=i),
+                                      share_prompt=cfg.share_prompt)
                      for i in range(0, len(prompts), chunk)]
         batch = concat_batches(parts, _pad_id(state.tokenizer))
         rep_items = [it for it in items for _ in range(G)]
@@ -633,13 +639,28 @@ def _micro_slices(n: int, size: int | None) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def needs_old_pass(cfg: TrainConfig) -> bool:
+    """Whether a step needs the separate no-grad pass for the old log-probs.
+
+    With one update per rollout batch (``num_epochs == num_minibatches == 1``) the policy
+    being differentiated *is* the policy that sampled, so ``pi_old`` equals ``pi`` and the old
+    log-probs are the new ones, detached (the ratio is exactly 1; TRL skips the pass the same
+    way). The pass is still run when a value head or a reference model needs its outputs."""
+    return cfg.num_epochs * cfg.num_minibatches > 1 or cfg.advantage == "gae" or cfg.beta > 0
+
+
 @torch.no_grad()
 def score_rollouts(state: TrainState, batch) -> dict[str, torch.Tensor | None]:
     """Log-probs of the rollout tokens under the current (= old) policy, the reference policy,
-    and the value head, without gradients, in micro-batches. Entropy comes with the old pass."""
+    and the value head, without gradients, in micro-batches. Entropy comes with the old pass.
+
+    When :func:`needs_old_pass` is False, nothing is computed here: ``old_logp`` and
+    ``entropy`` are None and the update pass supplies both."""
     from rlbook_code import rollout
 
     cfg = state.cfg
+    if not needs_old_pass(cfg):
+        return {"old_logp": None, "entropy": None, "ref_logp": None, "values": None}
     critic = state.value_head is not None
     old, ent, ref, val = [], [], [], []
     state.policy.eval()
@@ -648,14 +669,16 @@ def score_rollouts(state: TrainState, batch) -> dict[str, torch.Tensor | None]:
         mb = batch.select(list(range(sl.start, sl.stop)))
         with _autocast(cfg):
             out = rollout.completion_logprobs(state.policy, mb, temperature=cfg.temperature,
-                                              with_entropy=True, with_hidden=critic)
+                                              with_entropy=True, with_hidden=critic,
+                                              share_prompt=cfg.share_prompt)
         old.append(out.logprobs.float())
         ent.append(out.entropy.float())
         if critic:
             val.append(state.value_head(out.hidden))
         if state.ref is not None:
             with _autocast(cfg):
-                ref.append(rollout.completion_logprobs(state.ref, mb, temperature=cfg.temperature).logprobs.float())
+                ref.append(rollout.completion_logprobs(state.ref, mb, temperature=cfg.temperature,
+                                                       share_prompt=cfg.share_prompt).logprobs.float())
     return {"old_logp": torch.cat(old), "entropy": torch.cat(ent),
             "ref_logp": torch.cat(ref) if ref else None, "values": torch.cat(val) if val else None}
 
@@ -708,12 +731,15 @@ def compute_advantages(cfg: TrainConfig, scores: torch.Tensor, mask: torch.Tenso
     return adv, returns, seq_rewards
 
 
-def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor, adv: torch.Tensor,
+def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor | None, adv: torch.Tensor,
                      ref_logp: torch.Tensor | None, old_values: torch.Tensor | None,
                      returns: torch.Tensor | None, num_tokens: float, num_seqs: int
                      ) -> tuple[torch.Tensor, dict[str, float]]:
     """The differentiable loss of one micro-batch, normalised by the *minibatch's* token and
-    sequence counts so that summing the micro-batch losses gives the minibatch loss."""
+    sequence counts so that summing the micro-batch losses gives the minibatch loss.
+
+    ``old_logp=None`` (one update per batch, :func:`needs_old_pass`): the old log-probs are
+    this pass's own, detached, and the entropy metric is measured here."""
     from rlbook_code import aggregation, clipping, rollout
     from rlbook_code.kl import kl_k3
     from rlbook_code.logprobs import masked_mean
@@ -723,9 +749,14 @@ def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor, adv: torch.T
     critic = state.value_head is not None
     with _autocast(cfg):
         out = rollout.completion_logprobs(state.policy, mb, temperature=cfg.temperature,
-                                          with_entropy=cfg.entropy_coef > 0, with_hidden=critic)
+                                          with_entropy=cfg.entropy_coef > 0 or old_logp is None,
+                                          with_hidden=critic, share_prompt=cfg.share_prompt)
     logp = out.logprobs.float()  # (b, T)
     mask = mb.completion_mask  # (b, T)
+    entropy_metric = None
+    if old_logp is None:
+        old_logp = logp.detach()
+        entropy_metric = float(masked_mean(out.entropy.detach().float(), mask))
     metrics: dict[str, float] = {}
     if cfg.loss == "reinforce":
         pg = reinforce_loss(logp, adv, mask)
@@ -740,6 +771,8 @@ def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor, adv: torch.T
         pg, metrics = clipping.cispo_loss(logp, old_logp, adv, mask, eps_low=cfg.clip_eps_low,
                                           eps_high=cfg.clip_eps_high)
     metrics = {k: float(v) for k, v in metrics.items()}
+    if entropy_metric is not None:
+        metrics["entropy"] = entropy_metric
     per_token = pg
     if ref_logp is not None and cfg.kl_in == "loss":
         per_token = per_token + cfg.beta * torch.where(mask, kl_per_token(cfg, logp, ref_logp), 0.0)
@@ -915,8 +948,14 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
     grad_norms = []
     n_updates = 0
     params = [p for grp in state.optimizer.param_groups for p in grp["params"]]
+    G = batch.group_size
     for _epoch in range(cfg.num_epochs):
-        perm = torch.randperm(n, generator=g) if cfg.num_minibatches > 1 else torch.arange(n)
+        if cfg.num_minibatches == 1:
+            perm = torch.arange(n)
+        elif cfg.share_prompt and G > 1:  # shuffle whole groups, so minibatches can share prompts
+            perm = (torch.randperm(n // G, generator=g)[:, None] * G + torch.arange(G)).flatten()
+        else:
+            perm = torch.randperm(n, generator=g)
         for start in range(0, n, mb_size):
             idx = perm[start:start + mb_size]
             num_tokens = float(mask[idx].sum())
@@ -926,7 +965,7 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
                 sub = idx[sl]
                 mb = batch.select(sub.tolist())
                 loss, m = micro_batch_loss(
-                    state, mb, sc["old_logp"][sub], adv[sub],
+                    state, mb, sc["old_logp"][sub] if sc["old_logp"] is not None else None, adv[sub],
                     sc["ref_logp"][sub] if sc["ref_logp"] is not None else None,
                     sc["values"][sub] if sc["values"] is not None else None,
                     returns[sub] if returns is not None else None, num_tokens, num_seqs)
@@ -959,7 +998,8 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
     rec["adv_abs_mean"] = float(masked_mean(adv_tok.abs(), mask))
     if kl_tok is not None:
         rec["kl_ref"] = float(masked_mean(kl_tok, mask))
-    rec["entropy"] = float(masked_mean(sc["entropy"], mask))
+    if sc["entropy"] is not None:
+        rec["entropy"] = float(masked_mean(sc["entropy"], mask))
     rec["response_length"] = float(lengths.float().mean())
     for k, v in sums.items():
         rec[k] = v / n_updates

@@ -17,6 +17,7 @@ from rlbook_code.rollout import (
     completion_mask_from_eos,
     generate,
     position_ids_from_mask,
+    shared_prompt_cache,
 )
 
 torch.set_num_threads(1)  # tiny models gain nothing from a 2nd thread; under load it loses a lot
@@ -157,6 +158,59 @@ def test_scores_entropy_hidden_and_gradient(tiny, batch):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     model.zero_grad(set_to_none=True)
+
+
+def test_shared_prompt_equals_full_forward(tiny, batch):
+    """Prompt computed once per group + repeated cache == one full pass per row: log-probs,
+    entropy, hidden states and every parameter gradient (the repeat's backward sums the G
+    rows' contributions into the one prompt computation)."""
+    model, tok = tiny
+    sub = batch.select(list(range(2 * batch.group_size)))  # two whole groups
+    assert sub.group_size == batch.group_size
+    out, grads = {}, {}
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        s = completion_logprobs(model, sub, with_entropy=True, with_hidden=True, share_prompt=share)
+        (s.logprobs.sum() + 0.1 * s.hidden.pow(2).sum()).backward()
+        out[share] = s
+        grads[share] = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    a, b = out[False], out[True]
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert torch.allclose(a.entropy, b.entropy, atol=1e-5)
+    assert torch.allclose(a.hidden, b.hidden, atol=1e-5)
+    for ga, gb in zip(grads[False], grads[True]):  # float32 rounding, relative to the largest entry
+        assert float((ga - gb).abs().max()) <= 1e-5 * float(ga.abs().max())
+    # and both reproduce the sampler's own log-probs
+    assert torch.allclose(b.logprobs, sub.logprobs, atol=1e-4)
+
+
+def test_shared_prompt_cache_layout(tiny):
+    model, tok = tiny
+    b = generate(model, tok, PROMPTS, group_size=3, max_new_tokens=4, seed=0)
+    cache = shared_prompt_cache(model, b.prompt_ids, b.prompt_mask, 3)
+    assert cache.get_seq_length() == b.prompt_ids.shape[1] - 1
+    k = cache.layers[0].keys  # (N, kv_heads, P-1, head_dim)
+    assert k.shape[0] == len(b) and torch.equal(k[0], k[1]) and torch.equal(k[0], k[2])
+
+
+def test_shared_prompt_falls_back_on_mixed_rows(tiny, batch):
+    """Rows that are not whole groups (a shuffled minibatch) take the plain full pass."""
+    model, tok = tiny
+    mixed = batch.select([0, batch.group_size, 1])
+    a = completion_logprobs(model, mixed, share_prompt=False).logprobs
+    b = completion_logprobs(model, mixed, share_prompt=True).logprobs
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_generate_with_shared_prompt_draws_the_same_samples(tiny, seed):
+    model, tok = tiny
+    a = generate(model, tok, PROMPTS, group_size=8, max_new_tokens=10, seed=seed)
+    b = generate(model, tok, PROMPTS, group_size=8, max_new_tokens=10, seed=seed, share_prompt=True)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert torch.equal(a.prompt_ids, b.prompt_ids) and torch.equal(a.prompt_mask, b.prompt_mask)
 
 
 def test_select(batch):

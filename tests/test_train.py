@@ -179,7 +179,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model, tmp_path, fake_r
     cfg, state, batch, scores = _state_and_batch(tiny_model, tmp_path, True, config=config,
                                                  aggregation=aggregation, prompts_per_step=2, group_size=4,
                                                  beta=0.1 if config == "grpo" else 0.0,
-                                                 kl_in="loss")
+                                                 kl_in="loss", num_epochs=2)  # 2: keeps the old pass
     sc = T.score_rollouts(state, batch)
     # perturb the policy so that ratios differ from 1 and clipping is active somewhere
     with torch.no_grad():
@@ -209,9 +209,42 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model, tmp_path, fake_r
             loss.backward()
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
-    big, accumulated = grads(n), grads(3)  # 8 rows in micro-batches of 3, 3, 2
+    # one pass (prompts shared); micro-batches of 3, 3, 2 rows (not whole groups: full passes);
+    # micro-batches of one group each (shared)
+    big, accumulated, per_group = grads(n), grads(3), grads(4)
     assert all(g.abs().sum() > 0 for g in big[:1]) and sum(float(g.abs().sum()) for g in big) > 0
-    for a, b in zip(big, accumulated):
+    for a, b, c in zip(big, accumulated, per_group):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+        assert torch.allclose(a, c, atol=1e-6, rtol=1e-4)
+
+
+def test_one_update_per_batch_skips_the_old_pass(tiny_model, tmp_path, fake_reward):
+    """num_epochs = num_minibatches = 1: the old log-probs are the update pass's own, detached.
+    Loss, gradients and metrics equal those computed with a separate no-grad old pass."""
+    cfg, state, batch, scores = _state_and_batch(tiny_model, tmp_path, True, config="grpo")
+    assert not T.needs_old_pass(cfg)
+    assert T.score_rollouts(state, batch)["old_logp"] is None
+    assert T.needs_old_pass(T.apply_overrides(cfg, num_epochs=2))
+    assert T.needs_old_pass(T.apply_overrides(cfg, beta=0.04))
+    assert T.needs_old_pass(T.load_config(Path(__file__).resolve().parents[1] / "configs" / "ppo.yaml"))
+    forced = T.score_rollouts(dataclasses.replace(state, cfg=T.apply_overrides(cfg, num_epochs=2)), batch)
+    mask = batch.completion_mask
+    n = mask.shape[0]
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    params = [p for g in state.optimizer.param_groups for p in g["params"]]
+    res = []
+    for old in (None, forced["old_logp"]):
+        for p in params:
+            p.grad = None
+        loss, m = T.micro_batch_loss(state, batch, old, adv, None, None, None, float(mask.sum()), n)
+        loss.backward()
+        res.append((float(loss.detach()), m, [p.grad.clone() for p in params]))
+    (l0, m0, g0), (l1, m1, g1) = res
+    assert math.isclose(l0, l1, rel_tol=1e-5, abs_tol=1e-7)
+    assert m0["clip_frac_low"] == m0["clip_frac_high"] == 0.0 and m0["ratio_mean"] == 1.0
+    from rlbook_code.logprobs import masked_mean
+    assert math.isclose(m0["entropy"], float(masked_mean(forced["entropy"], mask)), rel_tol=1e-5)
+    for a, b in zip(g0, g1):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
