@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import torch
 
+from rlbook_code._validate import check_mask
+
 __all__ = ["group_advantages", "rloo_advantages", "gae", "whiten"]
 
 _SCALES = ("group", "batch", "none")
@@ -66,16 +68,6 @@ def _check_rewards(rewards: torch.Tensor, group_size: int) -> None:
         )
     if not torch.isfinite(rewards).all():
         raise ValueError("rewards contain NaN or inf")
-
-
-def _check_mask(x: torch.Tensor, mask: torch.Tensor, name: str = "x") -> None:
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a bool tensor (True on response tokens), got {got}")
-    if mask.shape != x.shape:
-        raise ValueError(
-            f"mask must have the shape of {name}, expected {tuple(x.shape)}, got {tuple(mask.shape)}"
-        )
 
 
 # --------------------------------------------------------------------------- group methods
@@ -185,7 +177,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError("x must be a floating-point tensor")
-    _check_mask(x, mask)
+    check_mask(x, mask)
     n = int(mask.sum())
     if n < 2:
         raise ValueError(f"whiten needs at least 2 entries where mask is True, got {n}")
@@ -245,7 +237,7 @@ def gae(
     if not isinstance(values, torch.Tensor) or values.shape != rewards.shape or not values.is_floating_point():
         got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
         raise ValueError(f"values must be a floating tensor of shape {tuple(rewards.shape)}, got {got}")
-    _check_mask(rewards, mask, "rewards")
+    check_mask(rewards, mask, "rewards")
     for name, v in (("gamma", gamma), ("lam", lam)):
         if not (0.0 <= float(v) <= 1.0):
             raise ValueError(f"{name} must be in [0, 1], got {v}")

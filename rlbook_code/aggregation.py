@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import torch
 
+from rlbook_code._validate import check_mask
+
 __all__ = ["aggregate", "MODES"]
 
 MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -85,14 +87,7 @@ def aggregate(
         raise ValueError(f"per_token_loss must have shape (B, T), got {got}")
     if not per_token_loss.is_floating_point():
         raise ValueError(f"per_token_loss must be floating point, got dtype {per_token_loss.dtype}")
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a bool tensor (True on response tokens), got {got}")
-    if mask.shape != per_token_loss.shape:
-        raise ValueError(
-            f"mask must have the shape of per_token_loss, expected {tuple(per_token_loss.shape)}, "
-            f"got {tuple(mask.shape)}"
-        )
+    check_mask(per_token_loss, mask, "per_token_loss")
     B = per_token_loss.shape[0]
     loss = torch.where(mask, per_token_loss, torch.zeros_like(per_token_loss))  # (B, T)
     lengths = mask.sum(dim=1)  # (B,)

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import torch
 
+from rlbook_code._validate import check_mask
+
 __all__ = ["ppo_clip_loss", "gspo_loss", "cispo_loss", "LOG_RATIO_CLAMP"]
 
 #: log-ratios are clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] before exp (e^20 ~ 4.9e8).
@@ -69,11 +71,7 @@ def _prepare(
         raise ValueError(
             f"old_logp must have the shape of logp, expected {tuple(logp.shape)}, got {tuple(old_logp.shape)}"
         )
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a bool tensor (True on response tokens), got {got}")
-    if mask.shape != logp.shape:
-        raise ValueError(f"mask must have shape {tuple(logp.shape)}, got {tuple(mask.shape)}")
+    check_mask(logp, mask, "logp")
     if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
         raise ValueError("advantages must be a floating-point tensor of shape (B,) or (B, T)")
     B, T = logp.shape

@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from rlbook_code._validate import check_mask
+
 __all__ = ["token_logprobs", "entropy_from_logits", "masked_sum", "masked_mean"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -303,10 +305,7 @@ def entropy_from_logits(
 def _check_masked(x: torch.Tensor, mask: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(mask, torch.Tensor):
         raise ValueError(f"x and mask must be tensors, got {type(x).__name__} and {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
-    if mask.shape != x.shape:
-        raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
+    check_mask(x, mask)
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
 

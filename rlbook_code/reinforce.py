@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from rlbook_code._validate import check_mask
+
 __all__ = ["reinforce_loss"]
 
 
@@ -26,12 +28,7 @@ def _check_logp_mask(logp: torch.Tensor, mask: torch.Tensor) -> None:
         raise ValueError(f"logp must have shape (B, T), got shape {tuple(logp.shape)}")
     if not logp.is_floating_point():
         raise ValueError(f"logp must be a floating-point tensor, got dtype {logp.dtype}")
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor (True on response tokens), got dtype {mask.dtype}")
-    if mask.shape != logp.shape:
-        raise ValueError(
-            f"mask must have the shape of logp (B, T) = {tuple(logp.shape)}, got {tuple(mask.shape)}"
-        )
+    check_mask(logp, mask, "logp")
 
 
 def reinforce_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -380,7 +380,11 @@ def completion_logprobs(
     pos = position_ids_from_mask(attn)  # (N, P+T)
     prompt_ids = batch.prompt_ids.to(device)
     prompt_mask = batch.prompt_mask.to(device)
-    if share_prompt and _can_share_prompt(prompt_ids, prompt_mask, batch.group_size):
+    # Under gradient checkpointing in training mode transformers drops the cache (a recomputed
+    # layer would write it twice), so the shared pass would silently lose the prompt: full pass.
+    name = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    checkpointing = model.training and bool(getattr(model, name, False))
+    if share_prompt and not checkpointing and _can_share_prompt(prompt_ids, prompt_mask, batch.group_size):
         cache = shared_prompt_cache(model, prompt_ids, prompt_mask, batch.group_size)
         out = model(  # positions P-1 .. P+T-2 on top of the cached 0 .. P-2
             input_ids=input_ids[:, P - 1 : P + T - 1],

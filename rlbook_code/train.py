@@ -123,7 +123,7 @@ class TrainConfig:
     (the prompt asks for ``<answer>...</answer>``; chat models)."""
 
     # --- sampling ------------------------------------------------------------------------
-    steps: int = 150
+    steps: int = 300
     """Number of policy-update steps (one rollout batch each)."""
     prompts_per_step: int = 16
     """Prompts per rollout batch; the batch holds ``prompts_per_step * group_size`` completions."""
@@ -488,7 +488,8 @@ def build_state(cfg: TrainConfig, run_dir: Path | None = None) -> TrainState:
     dtype = DTYPES[cfg.dtype]
     policy, tokenizer = models.load_policy(cfg.model_name, device=cfg.device, dtype=dtype)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        # transformers 5 renamed it (the old name still works, with a FutureWarning)
+        (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
         if hasattr(policy.config, "use_cache"):
             policy.config.use_cache = False
     ref = None
@@ -1060,7 +1061,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
         if cfg.progress:
             tqdm.write(_eval_line(0, ev), file=sys.stderr)
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not cfg.progress, file=sys.stderr,
-               desc=cfg.algo, mininterval=1.0)
+               desc=cfg.algo, mininterval=1.0 if sys.stderr.isatty() else 10.0)  # few lines in notebooks
     ran = 0
     try:
         while state.step < cfg.steps:

@@ -203,6 +203,23 @@ def test_shared_prompt_falls_back_on_mixed_rows(tiny, batch):
     assert torch.equal(a, b)
 
 
+def test_shared_prompt_with_gradient_checkpointing_takes_the_full_pass(tiny, batch):
+    """transformers drops the cache inside checkpointed layers in training mode; the shared pass
+    must not run there (it would score the completion without its prompt)."""
+    model, tok = tiny
+    sub = batch.select(list(range(batch.group_size)))
+    ref = completion_logprobs(model, sub).logprobs
+    new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.x's name
+    (model.activation_checkpointing_enable if new_api else model.gradient_checkpointing_enable)()
+    model.train()
+    try:
+        got = completion_logprobs(model, sub, share_prompt=True).logprobs
+    finally:
+        (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+        model.eval()
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_generate_with_shared_prompt_draws_the_same_samples(tiny, seed):
     model, tok = tiny
