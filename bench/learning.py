@@ -3,6 +3,7 @@
     python bench/learning.py                         # configs/grpo.yaml, seeds 0 1 2
     python bench/learning.py --seeds 0 --steps 50 --set lr=1e-3
     python bench/learning.py --config configs/ppo.yaml
+    python bench/learning.py --seeds 1 & python bench/learning.py --seeds 2   # 2 cores, 2 seeds at once
 
 Runs the book's trainer (``rlbook_code.train.train``) once per seed into
 ``<out>/<algo>-seed<seed>`` and prints, per seed, greedy and sampled exact-match accuracy on
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(REPO / "configs" / "grpo.yaml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=None, help="override the config's steps")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for the shipped model)")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench-learning"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
     args = ap.parse_args(argv)

@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ap.add_argument("--model", default=None, help="model folder (default: the shipped model)")
     ap.add_argument("--eval-size", type=int, default=128, help="held-out items for the final accuracy")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in each worker")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in each worker (default 1: fastest for the shipped model)")
     ap.add_argument("--only", choices=["rlbook", "trl"], default=None, help="run one framework only")
     ap.add_argument("--python", default=None,
                     help="interpreter for the workers (default: this one if it has TRL, else .venv-trl/bin/python)")
