@@ -349,6 +349,7 @@ def completion_logprobs(
     with_entropy: bool = False,
     with_hidden: bool = False,
     share_prompt: bool = False,
+    entropy_grad: bool = True,
 ) -> CompletionScores:
     """Log-probs of the batch's completion tokens under ``model`` (differentiable).
 
@@ -362,6 +363,9 @@ def completion_logprobs(
     ``P - 1`` prompt columns go through the model once per group (:func:`shared_prompt_cache`)
     and a second pass runs the last prompt token and the completion on top of the repeated
     cache: the same log-probs and gradients, for about ``1/G`` of the prompt's cost.
+
+    ``entropy_grad=False`` computes the entropy from detached logits: a metric only, and no
+    ``(N, T, V)`` log-softmax is kept for a backward pass that will never use it.
 
     Returns:
         :class:`CompletionScores` with ``logprobs (N, T)``, optionally ``entropy (N, T)``
@@ -408,7 +412,9 @@ def completion_logprobs(
     logits = out.logits[:, :T]  # (N, T, V): positions P-1 .. P+T-2 predict completion tokens 0 .. T-1
     tokens = batch.completion_ids.to(device)
     logp = _token_logprobs(logits, tokens, temperature=temperature).masked_fill(~mask, 0.0)
-    ent = _entropy(logits, temperature=temperature).masked_fill(~mask, 0.0) if with_entropy else None
+    ent = None
+    if with_entropy:
+        ent = _entropy(logits if entropy_grad else logits.detach(), temperature=temperature).masked_fill(~mask, 0.0)
     hidden = None
     if with_hidden:
         hidden = last_hidden.masked_fill(~mask.unsqueeze(-1), 0.0)

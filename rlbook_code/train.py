@@ -751,13 +751,14 @@ def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor | None, adv: 
     with _autocast(cfg):
         out = rollout.completion_logprobs(state.policy, mb, temperature=cfg.temperature,
                                           with_entropy=cfg.entropy_coef > 0 or old_logp is None,
+                                          entropy_grad=cfg.entropy_coef > 0,  # else a metric only
                                           with_hidden=critic, share_prompt=cfg.share_prompt)
     logp = out.logprobs.float()  # (b, T)
     mask = mb.completion_mask  # (b, T)
     entropy_metric = None
     if old_logp is None:
         old_logp = logp.detach()
-        entropy_metric = float(masked_mean(out.entropy.detach().float(), mask))
+        entropy_metric = float(masked_mean(out.entropy.detach().float(), mask))  # detach: entropy_coef > 0
     metrics: dict[str, float] = {}
     if cfg.loss == "reinforce":
         pg = reinforce_loss(logp, adv, mask)

@@ -154,6 +154,10 @@ def test_scores_entropy_hidden_and_gradient(tiny, batch):
     logp_from_hidden = torch.log_softmax(model.lm_head(s.hidden).float(), -1)
     logp_from_hidden = logp_from_hidden.gather(-1, sub.completion_ids.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(logp_from_hidden[m], s.logprobs[m], atol=1e-5)
+    assert s.entropy.requires_grad
+    metric = completion_logprobs(model, sub, with_entropy=True, entropy_grad=False)
+    assert not metric.entropy.requires_grad and metric.logprobs.requires_grad
+    assert torch.equal(metric.entropy, s.entropy.detach())
     (s.logprobs.sum()).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
