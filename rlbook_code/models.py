@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "ModelLoadError", "load_policy", "default_device", "default_dtype"]
+__all__ = ["DEFAULT_MODEL", "ModelLoadError", "load_policy", "default_device", "default_dtype", "autocast",
+           "enable_gradient_checkpointing"]
 
 DEFAULT_MODEL: str = str(Path(__file__).resolve().parent / "assets" / "tiny-qwen3-spell")
 """Path of the shipped model folder (a 0.8M-parameter Qwen3 trained on ``spell_backward``)."""
@@ -34,6 +35,25 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def autocast(device: torch.device | str, enabled: bool):
+    """``torch.autocast(bfloat16)`` on ``device``'s type when ``enabled`` (mixed precision: the
+    parameters stay in their dtype, the matmuls run in bf16), else a no-op context."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward pass and switch the KV cache off (it cannot be
+    used under checkpointing; ``rollout.completion_logprobs`` then scores full rows)."""
+    # transformers 5 renamed it (the old name still works, with a FutureWarning)
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -85,7 +105,7 @@ def load_policy(
             f"Could not load model {name!r}: it is not a local model folder"
             f"{' and HF_HUB_OFFLINE=1 forbids downloading it' if offline else ' and it could not be downloaded'}"
             ". Download it once on a machine with internet access "
-            f"(`huggingface-cli download {name}`), or pass the path of a folder written by "
+            f"(`hf download {name}`), or pass the path of a folder written by "
             f"`save_pretrained`. (Underlying error: {type(err).__name__}: {first_line})"
         ) from None
     tokenizer.padding_side = "left"

@@ -28,12 +28,15 @@ import re
 import unicodedata
 from typing import Any
 
+import torch
+
 __all__ = [
     "DEFAULT_TASK",
     "TaskMixture",
     "extract_answer",
     "format_ok",
     "ANSWER_TAG_INSTRUCTION",
+    "overlong_penalty",
 ]
 
 DEFAULT_TASK: list[dict[str, Any]] = [
@@ -312,3 +315,12 @@ class TaskMixture:
 
     def __repr__(self) -> str:
         return f"TaskMixture(specs={self.specs!r}, seed={self.seed}, answer_format={self.answer_format!r})"
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), ``(B,)`` -> ``(B,)`` (<= 0).
+
+    0 up to ``max_len - buffer`` tokens, then linear down to ``-penalty`` at ``max_len``."""
+    start = max_len - buffer
+    frac = ((lengths.float() - start) / buffer).clamp(min=0.0, max=1.0)
+    return -penalty * frac

@@ -22,6 +22,7 @@ only the cost changes, from ``N (P + T)`` token positions to ``N/G (P - 1) + N T
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -35,6 +36,7 @@ __all__ = [
     "eos_token_ids",
     "position_ids_from_mask",
     "shared_prompt_cache",
+    "concat_batches",
 ]
 
 try:  # the package's own implementation (chapter 02)
@@ -419,3 +421,37 @@ def completion_logprobs(
     if with_hidden:
         hidden = last_hidden.masked_fill(~mask.unsqueeze(-1), 0.0)
     return CompletionScores(logprobs=logp, entropy=ent, hidden=hidden)
+
+
+def _pad_to(x: torch.Tensor, width: int, value: Any, left: bool) -> torch.Tensor:
+    extra = width - x.shape[1]
+    if extra <= 0:
+        return x
+    pad = x.new_full((x.shape[0], extra) + tuple(x.shape[2:]), value)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+
+def concat_batches(batches: list, pad_token_id: int):
+    """Concatenate :class:`RolloutBatch` objects from several ``generate`` calls
+    (prompts re-padded on the left, completions on the right)."""
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    out = {}
+    for f in fields(first):
+        vals = [getattr(b, f.name) for b in batches]
+        v0 = vals[0]
+        if isinstance(v0, torch.Tensor) and v0.dim() >= 2:
+            width = max(v.shape[1] for v in vals)
+            left = f.name.startswith("prompt")
+            fill = False if v0.dtype == torch.bool else (pad_token_id if not v0.is_floating_point() else 0.0)
+            out[f.name] = torch.cat([_pad_to(v, width, fill, left) for v in vals], dim=0)
+        elif isinstance(v0, torch.Tensor):
+            out[f.name] = torch.cat(vals, dim=0)
+        elif isinstance(v0, list):
+            out[f.name] = [x for v in vals for x in v]
+        else:
+            out[f.name] = v0
+    return type(first)(**out)
+

@@ -1,4 +1,4 @@
-"""Tests of the trainer (rlbook_code/train.py): configs, the loss pieces, gradient accumulation,
+"""Tests of the trainer (rlbook_code/train.py, config.py, checkpoint.py): configs, the loss pieces, gradient accumulation,
 checkpoint/resume determinism, the NaN guard, DAPO's pieces, plotting.
 
 A tiny random Qwen3 (hidden 32, 2 layers) with the shipped character tokenizer stands in for
@@ -17,25 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlbook_code import checkpoint
+from rlbook_code import config as C
 from rlbook_code import train as T
 
 torch.set_num_threads(2)
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 TIMING = set(T.TIMING_KEYS)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from rlbook_code.pretrain import build_model, build_tokenizer
-
-    tok = build_tokenizer()
-    model = build_model(tok, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                        intermediate_size=64, seed=0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny-qwen3"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture
@@ -50,26 +39,26 @@ def fake_reward(monkeypatch):
     monkeypatch.setattr(TaskMixture, "score", score)
 
 
-def small(tiny_model: str, run_dir, config: str = "grpo", **changes) -> T.TrainConfig:
-    base = T.load_config(Path(__file__).resolve().parents[1] / "configs" / f"{config}.yaml")
+def small(tiny_model: str, run_dir, config: str = "grpo", **changes) -> C.TrainConfig:
+    base = C.load_config(Path(__file__).resolve().parents[1] / "configs" / f"{config}.yaml")
     kw = dict(model_name=tiny_model, steps=3, prompts_per_step=2, group_size=4, max_new_tokens=6,
               eval_size=4, eval_every=2, eval_sampled=False, eval_batch_size=4, save_every=0,
               progress=False, tensorboard=False, save_final_model=False, run_dir=str(run_dir),
               num_threads=1)  # a hidden-32 model gains nothing from a 2nd thread; under load it loses
     kw.update(changes)
-    return T.apply_overrides(base, **kw)
+    return C.apply_overrides(base, **kw)
 
 
 # ----------------------------------------------------------------------------- configs
 def test_every_field_has_a_docstring():
-    docs = T.field_docs()
-    missing = [f.name for f in dataclasses.fields(T.TrainConfig) if not docs.get(f.name)]
+    docs = C.field_docs()
+    missing = [f.name for f in dataclasses.fields(C.TrainConfig) if not docs.get(f.name)]
     assert missing == []
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_load_and_cite_a_paper(path):
-    cfg = T.load_config(path)
+    cfg = C.load_config(path)
     assert cfg.algo == path.stem
     head = path.read_text().split("\n", 1)[0]
     assert head.startswith("# ")
@@ -77,18 +66,18 @@ def test_shipped_configs_load_and_cite_a_paper(path):
 
 
 def test_all_algorithms_have_a_config():
-    assert sorted(p.stem for p in CONFIGS) == sorted(T.ALGORITHMS)
+    assert sorted(p.stem for p in CONFIGS) == sorted(C.ALGORITHMS)
 
 
 def test_unknown_key_names_the_nearest_spelling(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("group_sise: 8\n")
-    with pytest.raises(T.ConfigError, match="'group_sise'.*did you mean 'group_size'"):
-        T.load_config(f)
-    with pytest.raises(T.ConfigError, match="did you mean 'lr'"):
-        T.config_from_dict({"learning_rate": 1e-3})
-    with pytest.raises(T.ConfigError, match="did you mean 'beta'"):
-        T.load_config(f.with_name("ok.yaml") if f.with_name("ok.yaml").write_text("{}") else f, ["kl_coef=0.1"])
+    with pytest.raises(C.ConfigError, match="'group_sise'.*did you mean 'group_size'"):
+        C.load_config(f)
+    with pytest.raises(C.ConfigError, match="did you mean 'lr'"):
+        C.config_from_dict({"learning_rate": 1e-3})
+    with pytest.raises(C.ConfigError, match="did you mean 'beta'"):
+        C.load_config(f.with_name("ok.yaml") if f.with_name("ok.yaml").write_text("{}") else f, ["kl_coef=0.1"])
 
 
 @pytest.mark.parametrize("changes, pattern", [
@@ -109,16 +98,16 @@ def test_bad_values_fail_before_any_model_loads(monkeypatch, changes, pattern):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(models, "load_policy", boom)
-    with pytest.raises(T.ConfigError, match=pattern):
-        T.train(T.config_from_dict(changes))
+    with pytest.raises(C.ConfigError, match=pattern):
+        T.train(C.config_from_dict(changes))
 
 
 def test_overrides_parse_as_yaml():
-    cfg = T.config_from_dict(T.parse_overrides(["lr=1e-3", "beta=0", "task=null", "adam_betas=[0.9, 0.95]"]))
+    cfg = C.config_from_dict(C.parse_overrides(["lr=1e-3", "beta=0", "task=null", "adam_betas=[0.9, 0.95]"]))
     assert (cfg.lr, cfg.beta, cfg.task, cfg.adam_betas) == (1e-3, 0.0, None, [0.9, 0.95])
     assert isinstance(cfg.beta, float)
-    with pytest.raises(T.ConfigError, match="key=value"):
-        T.parse_overrides(["lr"])
+    with pytest.raises(C.ConfigError, match="key=value"):
+        C.parse_overrides(["lr"])
 
 
 def test_cli_help_and_config_errors(capsys):
@@ -142,20 +131,20 @@ def test_overlong_penalty_matches_dapo_formula():
 def test_advantages_dispatch_to_the_package():
     from rlbook_code import advantages as A
 
-    cfg = T.config_from_dict({"group_size": 4, "prompts_per_step": 2})
+    cfg = C.config_from_dict({"group_size": 4, "prompts_per_step": 2})
     scores = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 0])
     mask = torch.ones(8, 3, dtype=torch.bool)
     adv, ret, r = T.compute_advantages(cfg, scores, mask, None, None)
     assert torch.equal(adv, A.group_advantages(scores, 4, scale="group")) and ret is None
-    cfg2 = T.apply_overrides(cfg, advantage="rloo")
+    cfg2 = C.apply_overrides(cfg, advantage="rloo")
     assert torch.equal(T.compute_advantages(cfg2, scores, mask, None, None)[0], A.rloo_advantages(scores, 4))
     # KL in the reward: the sequence reward loses beta * sum_t kl_t
-    cfg3 = T.apply_overrides(cfg, beta=0.5, kl_in="reward")
+    cfg3 = C.apply_overrides(cfg, beta=0.5, kl_in="reward")
     kl = torch.full((8, 3), 0.1)
     _, _, r3 = T.compute_advantages(cfg3, scores, mask, kl, None)
     assert torch.allclose(r3, scores - 0.5 * 0.3)
     # GAE: outcome reward on the last response token
-    cfg4 = T.apply_overrides(cfg, advantage="gae", gamma=1.0, lam=1.0)
+    cfg4 = C.apply_overrides(cfg, advantage="gae", gamma=1.0, lam=1.0)
     mask4 = torch.tensor([[True, True, False]] * 8)
     adv4, ret4, _ = T.compute_advantages(cfg4, scores, mask4, None, torch.zeros(8, 3))
     assert torch.allclose(ret4[:, 0], scores) and torch.allclose(ret4[:, 1], scores)
@@ -224,10 +213,10 @@ def test_one_update_per_batch_skips_the_old_pass(tiny_model, tmp_path, fake_rewa
     cfg, state, batch, scores = _state_and_batch(tiny_model, tmp_path, True, config="grpo")
     assert not T.needs_old_pass(cfg)
     assert T.score_rollouts(state, batch)["old_logp"] is None
-    assert T.needs_old_pass(T.apply_overrides(cfg, num_epochs=2))
-    assert T.needs_old_pass(T.apply_overrides(cfg, beta=0.04))
-    assert T.needs_old_pass(T.load_config(Path(__file__).resolve().parents[1] / "configs" / "ppo.yaml"))
-    forced = T.score_rollouts(dataclasses.replace(state, cfg=T.apply_overrides(cfg, num_epochs=2)), batch)
+    assert T.needs_old_pass(C.apply_overrides(cfg, num_epochs=2))
+    assert T.needs_old_pass(C.apply_overrides(cfg, beta=0.04))
+    assert T.needs_old_pass(C.load_config(Path(__file__).resolve().parents[1] / "configs" / "ppo.yaml"))
+    forced = T.score_rollouts(dataclasses.replace(state, cfg=C.apply_overrides(cfg, num_epochs=2)), batch)
     mask = batch.completion_mask
     n = mask.shape[0]
     adv = torch.randn(n, generator=torch.Generator().manual_seed(0))
@@ -256,12 +245,12 @@ def _comparable(recs):
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_model, tmp_path, fake_reward):
     full = small(tiny_model, tmp_path / "full", config="ppo", steps=3, save_every=1, beta=0.05, eval_every=2)
     T.train(full)
-    part = T.apply_overrides(full, run_dir=str(tmp_path / "part"), stop_after=2)
+    part = C.apply_overrides(full, run_dir=str(tmp_path / "part"), stop_after=2)
     T.train(part)
-    assert [r["step"] for r in T.read_metrics(tmp_path / "part")] == [0, 1, 2]
-    resumed = T.apply_overrides(part, stop_after=None)
+    assert [r["step"] for r in checkpoint.read_metrics(tmp_path / "part")] == [0, 1, 2]
+    resumed = C.apply_overrides(part, stop_after=None)
     T.train(resumed, resume=tmp_path / "part")
-    a, b = T.read_metrics(tmp_path / "full"), T.read_metrics(tmp_path / "part")
+    a, b = checkpoint.read_metrics(tmp_path / "full"), checkpoint.read_metrics(tmp_path / "part")
     assert _comparable(a) == _comparable(b)
     wa = torch.load(tmp_path / "full" / "checkpoint" / "state.pt", weights_only=False)
     wb = torch.load(tmp_path / "part" / "checkpoint" / "state.pt", weights_only=False)
@@ -355,4 +344,4 @@ def test_cli_runs_and_resumes(tiny_model, tmp_path, fake_reward, capsys):
     assert "run folder" in capsys.readouterr().out
     assert (run / "final" / "config.json").exists()
     assert T.main(["--resume", str(run), "--set", "steps=2"]) == 0
-    assert [r["step"] for r in T.read_metrics(run)] == [0, 1, 2]
+    assert [r["step"] for r in checkpoint.read_metrics(run)] == [0, 1, 2]
