@@ -202,6 +202,20 @@ class TrainConfig:
     overlong_penalty: float = 1.0
     """Largest overlong penalty (subtracted from the reward at ``max_new_tokens``)."""
 
+    # --- divergence to the reference: KL or optimal transport (chapter 16; module ot) ----
+    divergence: str = "kl"
+    """What ``beta`` weighs: ``kl`` (the ``kl_estimator`` of KL(pi || pi_ref), per token) or ``ot``
+    (``ot_regularizer.ot_penalty``: a Sinkhorn divergence between the policy's expected token
+    embeddings along each completion and the embeddings of the reference policy's greedy
+    completion of the same prompt, per sequence; the KL is then only logged)."""
+    ot_eps: float = 0.1
+    """Entropic regularisation of the OT penalty, in units of ``ot_cost`` (cosine costs lie in [0, 2])."""
+    ot_window: Optional[int] = None
+    """Positional band of the OT penalty: position i may only move to positions within this many
+    (relative) positions, ``ot.window_mask``; 0: position by position; None: anywhere."""
+    ot_cost: str = "cosine"
+    """Cost between two token embeddings: ``cosine`` (1 - cos) or ``sqeuclidean``."""
+
     # --- evaluation, logging, checkpoints ------------------------------------------------
     eval_every: int = 25
     """Held-out evaluation every this many steps (and at step 0 and the last step); 0: only at both ends."""
@@ -237,6 +251,8 @@ _LITERALS: dict[str, tuple] = {
     "aggregation": AGGREGATIONS,
     "kl_estimator": KL_ESTIMATORS,
     "kl_in": ("loss", "reward"),
+    "divergence": ("kl", "ot"),
+    "ot_cost": ("cosine", "sqeuclidean"),
 }
 
 
@@ -417,6 +433,17 @@ def validate_config(cfg: TrainConfig) -> None:
             bad("task must be a non-empty list of {name, weight, config} mappings")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         bad(f"device={cfg.device!r} but torch.cuda.is_available() is False")
+    # --- divergence to the reference (chapter 16) ---
+    if isinstance(cfg.ot_eps, bool) or not (math.isfinite(cfg.ot_eps) and cfg.ot_eps > 0):
+        bad(f"ot_eps must be a positive finite number, received {cfg.ot_eps}")
+    if cfg.ot_window is not None and cfg.ot_window < 0:
+        bad(f"ot_window must be an integer >= 0 or None, received {cfg.ot_window}")
+    if cfg.divergence == "ot":
+        if not cfg.beta > 0:
+            bad("divergence='ot' needs beta > 0 (beta weighs the OT penalty; it also loads the reference "
+                "policy whose greedy completions are the anchor)")
+        if cfg.kl_in != "loss":
+            bad(f"divergence='ot' puts its penalty in the loss; kl_in must be 'loss', received {cfg.kl_in!r}")
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

@@ -43,7 +43,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,7 @@ class TrainState:
     eval_items: list
     step: int = 0
     items_drawn: int = 0  # training items drawn from ``task`` so far (replayed on resume)
+    ot_refs: dict = field(default_factory=dict)  # divergence=ot (chapter 16): reference completion per prompt
 
 
 def _seed_for(cfg: TrainConfig, step: int, round_: int = 0, salt: int = 0) -> int:
@@ -319,7 +320,8 @@ def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor | None, adv: 
         out = rollout.completion_logprobs(state.policy, mb, temperature=cfg.temperature,
                                           with_entropy=cfg.entropy_coef > 0 or old_logp is None,
                                           entropy_grad=cfg.entropy_coef > 0,  # else a metric only
-                                          with_hidden=critic, share_prompt=cfg.share_prompt)
+                                          with_hidden=critic or cfg.divergence == "ot",
+                                          share_prompt=cfg.share_prompt)
     logp = out.logprobs.float()  # (b, T)
     mask = mb.completion_mask  # (b, T)
     entropy_metric = None
@@ -343,7 +345,7 @@ def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor | None, adv: 
     if entropy_metric is not None:
         metrics["entropy"] = entropy_metric
     per_token = pg
-    if ref_logp is not None and cfg.kl_in == "loss":
+    if ref_logp is not None and cfg.kl_in == "loss" and cfg.divergence == "kl":
         per_token = per_token + cfg.beta * torch.where(mask, kl_per_token(cfg, logp, ref_logp), 0.0)
     if cfg.entropy_coef > 0:
         per_token = per_token - cfg.entropy_coef * torch.where(mask, out.entropy, 0.0)
@@ -351,6 +353,13 @@ def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor | None, adv: 
                                     num_tokens=num_tokens, num_seqs=num_seqs)
     metrics["pg_loss"] = float(pg_loss.detach())
     loss = pg_loss
+    if cfg.divergence == "ot":  # chapter 16: beta * the mean over the minibatch's sequences
+        from rlbook_code.ot_regularizer import ot_penalty
+
+        penalty, sampled = ot_penalty(state, mb, out.hidden)  # (b,), (b,)
+        loss = loss + cfg.beta * penalty.sum() / num_seqs
+        metrics["ot_penalty"] = float(penalty.detach().mean())
+        metrics["ot_sampled"] = float(sampled.mean())
     if critic:
         hidden = out.hidden.detach() if cfg.value_detach else out.hidden
         values = state.value_head(hidden)  # (b, T)
