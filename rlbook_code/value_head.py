@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ValueHead"]
+__all__ = ["ValueHead", "value_loss"]
 
 
 class ValueHead(nn.Module):
@@ -44,3 +44,46 @@ class ValueHead(nn.Module):
         if hidden.dim() != 3 or hidden.shape[-1] != self.fc.in_features:
             raise ValueError(f"hidden must have shape (B, T, {self.fc.in_features}), got {tuple(hidden.shape)}")
         return self.out(torch.tanh(self.fc(hidden.float()))).squeeze(-1)  # (B, T)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float | None = 0.2, *, num_tokens: float | None = None) -> tuple[torch.Tensor, float]:
+    r"""PPO's (clipped) value loss, a token mean over the response (chapter 09).
+
+    .. math::
+        \ell_t = \tfrac12 \max\big((V_t - R_t)^2,\ (V^{old}_t + \mathrm{clip}(V_t - V^{old}_t, -c, c) - R_t)^2\big)
+
+    with :math:`V` the values being trained, :math:`V^{old}` those of the rollout pass and
+    :math:`R` the GAE returns; ``clip=None`` is the plain :math:`\tfrac12 (V_t - R_t)^2`. The max
+    makes the clip pessimistic, as in PPO's policy loss: a value that moved more than :math:`c`
+    away from :math:`V^{old}` gets no gradient *towards* the return from the clipped branch.
+
+    Args:
+        values, old_values, returns: ``(B, T)`` floats (``old_values`` and ``returns`` carry no
+            gradient).
+        mask: ``(B, T)`` bool, True on response tokens.
+        clip: the clip range :math:`c > 0`, or None.
+        num_tokens: the token count to divide by (the whole minibatch's, under gradient
+            accumulation); None: ``mask.sum()``.
+
+    Returns:
+        ``(loss (scalar), clip_frac)``: the fraction of response tokens where the clipped branch
+        is the larger (0.0 without clipping).
+    """
+    from rlbook_code import aggregation
+    from rlbook_code.logprobs import masked_mean
+
+    if not (values.shape == old_values.shape == returns.shape == mask.shape):
+        raise ValueError(f"values, old_values, returns and mask must share a shape, received "
+                         f"{tuple(values.shape)}, {tuple(old_values.shape)}, {tuple(returns.shape)}, {tuple(mask.shape)}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be > 0 or None, received {clip}")
+    err = (values - returns) ** 2
+    clip_frac = 0.0
+    if clip is not None:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        err_c = (clipped - returns) ** 2
+        clip_frac = float(masked_mean((err_c > err).float(), mask))
+        err = torch.maximum(err, err_c)
+    loss = aggregation.aggregate(torch.where(mask, 0.5 * err, 0.0), mask, "token-mean", num_tokens=num_tokens)
+    return loss, clip_frac
