@@ -72,6 +72,10 @@ class Job:
     """Path of the YAML config."""
     sets: dict[str, Any] = field(default_factory=dict)
     """Overrides, as ``--set key=value`` (values written as YAML)."""
+    module: str = TRAIN_MODULE
+    """The trainer module run with ``python -m``: ``rlbook_code.train`` (policy gradients) or
+    ``rlbook_code.align`` (the DPO family and rejection sampling, chapter 14); both take
+    ``--config`` and ``--set``."""
 
 
 def _split_values(raw: str) -> list[str]:
@@ -155,7 +159,7 @@ def command(job: Job, out: str | os.PathLike, threads: int = 1) -> list[str]:
     sets: dict[str, Any] = {"run_dir": str(Path(out) / job.name), "overwrite": True, "num_threads": threads,
                             "progress": False}
     sets.update(job.sets)
-    cmd = [sys.executable, "-m", TRAIN_MODULE, "--config", str(job.config)]
+    cmd = [sys.executable, "-m", job.module, "--config", str(job.config)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={_yaml_value(v)}"]
     return cmd
