@@ -31,7 +31,7 @@ from typing import Any, Callable
 from rlbook_code.config import TrainConfig, validate_config
 
 __all__ = ["BridgeError", "FIELDS", "trl_grpo_kwargs", "to_trl_grpo_config", "trl_reward_function",
-           "to_verl_overrides", "NO_DUAL_CLIP"]
+           "train_with_trl", "to_verl_overrides", "NO_DUAL_CLIP", "main"]
 
 NO_DUAL_CLIP = 1e9
 """verl's ``clip_ratio_c`` standing for rlbook's ``dual_clip=None`` (verl's dual clip is always on)."""
@@ -208,6 +208,119 @@ def trl_reward_function(task, mode: str = "exact") -> Callable[..., list[float]]
     return reward
 
 
+def train_with_trl(cfg: TrainConfig, run_dir: str | None = None) -> "Path":
+    """The run of ``cfg`` through TRL's ``GRPOTrainer`` (TRL 1.16), in a run folder laid out like
+    the book trainer's, so the same plotting reads both.
+
+    Same model and weights, same task mixture and prompt stream (``TaskMixture(seed)`` drawing
+    ``prompts_per_step`` items per step, in order, without shuffling), the same sampling settings
+    and the estimator of :func:`trl_grpo_kwargs`. ``metrics.jsonl`` gets one record per step
+    (``reward_mean``, ``reward_std``, ``accuracy`` of the step's completions, TRL's ``kl``,
+    ``entropy``, ``clip_ratio/*`` where it logs them, and ``step_s``), plus held-out greedy (and
+    sampled) accuracy, measured with :func:`rlbook_code.evaluation.evaluate` on the trainer's own
+    held-out items, at step 0 and at the last step. What differs from rlbook by design: TRL's
+    group-std epsilon (1e-4), its sampling RNG, and its batching of generation.
+    """
+    import time
+    from pathlib import Path
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    from rlbook_code import checkpoint, evaluation, models, rewards
+    from rlbook_code.config import default_run_dir, save_config
+
+    out = checkpoint.prepare_run_dir(run_dir or default_run_dir(cfg), overwrite=cfg.overwrite)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    save_config(cfg, out / "config.yaml")
+    args = to_trl_grpo_config(cfg, str(out / "trl"), use_cpu=cfg.device == "cpu", report_to="none",
+                              logging_steps=1, save_strategy="no", disable_tqdm=not cfg.progress,
+                              data_seed=cfg.seed, shuffle_dataset=False, dataloader_num_workers=0)
+    model, tok = models.load_policy(cfg.model_name, device=cfg.device)
+    task = rewards.TaskMixture(cfg.task if cfg.task is not None else rewards.DEFAULT_TASK, seed=cfg.seed,
+                               answer_format=cfg.answer_format)
+    eval_items = task.eval_items(cfg.eval_size, seed=cfg.eval_seed)
+    items = [it for _ in range(cfg.steps) for it in task.sample(cfg.prompts_per_step)]
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": task.prompt(it)}], "item": i}
+                            for i, it in enumerate(items)])
+    score = trl_reward_function(task, cfg.reward_mode)
+
+    def reward(prompts, completions, item, **kw):
+        return score(prompts, completions, [items[i] for i in item])
+
+    reward.__name__ = score.__name__
+
+    def held_out(policy, step: int) -> dict:
+        policy.eval()
+        rec = {"step": step}
+        for name, greedy in [("greedy", True)] + ([("sampled", False)] if cfg.eval_sampled else []):
+            r = evaluation.evaluate(policy, tok, task, eval_items, max_new_tokens=cfg.max_new_tokens, greedy=greedy,
+                                    temperature=cfg.temperature, batch_size=cfg.eval_batch_size, seed=cfg.eval_seed)
+            rec[f"eval/{name}_accuracy"] = float(r["accuracy"])
+        return rec
+
+    class Log(TrainerCallback):
+        t0 = 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_log(self, a, state, control, logs=None, **k):
+            if logs and "reward" in logs:
+                rec = {"step": int(state.global_step), "reward_mean": float(logs["reward"]),
+                       "reward_std": float(logs.get("reward_std", 0.0)),
+                       "accuracy": float(logs.get(f"rewards/{score.__name__}/mean", logs["reward"])),
+                       "step_s": time.perf_counter() - self.t0}
+                for k_, v in logs.items():
+                    if k_ in ("kl", "entropy") or k_.startswith("clip_ratio/"):
+                        rec[k_] = float(v)
+                checkpoint.append_metrics(out, rec)
+
+    checkpoint.append_metrics(out, held_out(model, 0))
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[Log()])
+    trainer.train()
+    final = held_out(trainer.model, cfg.steps)
+    records = checkpoint.read_metrics(out)
+    (out / "metrics.jsonl").unlink()
+    for r in records:  # one record per step, as the book's trainer writes them
+        checkpoint.append_metrics(out, {**r, **final} if r["step"] == cfg.steps else r)
+    if not records or records[-1]["step"] != cfg.steps:
+        checkpoint.append_metrics(out, final)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rlbook_code.bridges --config C [--set k=v ...] [--verl]``: run the config through
+    TRL's GRPOTrainer into its ``run_dir`` (as ``rlbook_code.train`` would), or, with ``--verl``,
+    print the ``python -m verl.trainer.main_ppo`` command line. Exit code 2 names what cannot be
+    mapped; the same arguments as the book's trainer, so ``rlbook_code.sweep`` runs it too."""
+    import argparse
+    import sys
+
+    from rlbook_code.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m rlbook_code.bridges", description=main.__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--verl", action="store_true", help="print verl's command line instead of training with TRL")
+    a = parser.parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.overrides)
+        if a.verl:
+            print(" \\\n    ".join(["python -m verl.trainer.main_ppo"] + to_verl_overrides(cfg)))
+            return 0
+        print(f"run folder: {train_with_trl(cfg, cfg.run_dir)}")
+    except (ConfigError, BridgeError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def to_verl_overrides(cfg: TrainConfig, model_path: str | None = None) -> list[str]:
     """Hydra overrides of verl's ``main_ppo`` (``ppo_trainer.yaml``, verl 0.9.1) for ``cfg``.
 
@@ -282,3 +395,9 @@ def _hydra(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ",".join(_hydra(x) for x in v) + "]"
     return str(v)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
