@@ -49,6 +49,7 @@ __all__ = [
     "AGGREGATIONS",
     "KL_ESTIMATORS",
     "DTYPES",
+    "IS_CORRECTIONS",
 ]
 
 ALGORITHMS = ("reinforce", "rloo", "ppo", "grpo", "drgrpo", "dapo", "gspo", "cispo")
@@ -57,6 +58,7 @@ LOSSES = ("reinforce", "ppo", "gspo", "cispo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IS_CORRECTIONS = ("none", "clip", "tis", "mis", "decoupled")
 
 
 class ConfigError(ValueError):
@@ -215,6 +217,80 @@ class TrainConfig:
     (relative) positions, ``ot.window_mask``; 0: position by position; None: anywhere."""
     ot_cost: str = "cosine"
     """Cost between two token embeddings: ``cosine`` (1 - cos) or ``sqeuclidean``."""
+
+    # --- off-policy (chapter 11; module async_sampler) -----------------------------------
+    staleness: int = 0
+    """Lag k of a synchronous stale sampler: the batch of update t is sampled by the weights of
+    update t - k (a ring buffer of k + 1 weight snapshots; the first k updates use the initial
+    weights). 0: on-policy, today's runs bit for bit."""
+    is_correction: str = "none"
+    """Off-policy correction: ``none`` (train the batch as if on-policy), ``clip`` (the loss's
+    ratio is taken against the sampler's log-probs: the clip is the only correction), ``tis``
+    (truncated IS weight pi_prox/mu times the loss), ``mis`` (masked IS weight, IcePop) or
+    ``decoupled`` (AReaL's decoupled PPO; needs loss=ppo). mu is the sampler's own log-probs."""
+    is_level: str = "token"
+    """Level of the tis/mis weight: ``token`` (one ratio per token) or ``sequence`` (product over the response)."""
+    is_low: Optional[float] = None
+    """Lower bound of the tis/mis weight (tis: raised to it; mis: dropped below it); None: none."""
+    is_high: float = 2.0
+    """Upper bound of the tis/mis weight (tis: capped at it; mis: dropped above it)."""
+    max_behav_weight: Optional[float] = 5.0
+    """``decoupled``: tokens whose behaviour weight pi_prox/mu exceeds this are dropped; None: no cap."""
+    sampler_dtype: Optional[str] = None
+    """Parameter dtype of the sampler's copy of the policy (e.g. bfloat16, against a float32
+    learner: the engine mismatch of vLLM vs the trainer); None: the sampler is the learner's dtype."""
+    sampler_temperature: Optional[float] = None
+    """Temperature the sampler samples at (the learner scores at ``temperature``); None: the same."""
+    async_rollouts: bool = False
+    """Sample in a separate process (torch.multiprocessing, spawn) from the newest weights it
+    received, while the learner trains; batches carry the weight version that sampled them."""
+    sync_every: int = 1
+    """Async: the learner sends its weights to the sampler every this many updates."""
+    max_staleness: int = 4
+    """Async: a batch sampled more than this many weight versions ago is dropped (and counted)."""
+    sampler_queue: int = 1
+    """Async: finished batches the sampler may hold ready ahead of the learner."""
+
+    # --- divergence to the reference: KL or optimal transport (chapter 16; module ot) ----
+    divergence: str = "kl"
+    """What ``beta`` weighs: ``kl`` (the ``kl_estimator`` of KL(pi || pi_ref), per token) or ``ot``
+    (``ot_regularizer.ot_penalty``: a Sinkhorn divergence between the policy's expected token
+    embeddings along each completion and the embeddings of the reference policy's greedy
+    completion of the same prompt, per sequence; the KL is then only logged)."""
+    ot_eps: float = 0.1
+    """Entropic regularisation of the OT penalty, in units of ``ot_cost`` (cosine costs lie in [0, 2])."""
+    ot_window: Optional[int] = None
+    """Positional band of the OT penalty: position i may only move to positions within this many
+    (relative) positions, ``ot.window_mask``; 0: position by position; None: anywhere."""
+    ot_cost: str = "cosine"
+    """Cost between two token embeddings: ``cosine`` (1 - cos) or ``sqeuclidean``."""
+
+    # --- LoRA (chapter 15; module lora) -------------------------------------------------
+    lora_rank: int = 0
+    """Rank r of the LoRA adapters (``lora.add_lora``: W x + (alpha / r) B A x on each target
+    module, base weights frozen); 0: full fine-tuning. With LoRA and ``beta > 0`` the
+    reference policy is the same model with its adapters disabled (no second copy)."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the update is multiplied by ``lora_alpha / lora_rank``."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (training mode only). Keep 0 for RL: with dropout the
+    update pass scores tokens with a different network than the sampler, so ratio != 1."""
+    lora_target_modules: list = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names of the linear layers that get adapters (Llama / Qwen names: every projection)."""
+
+    # --- learned reward (chapter 13; module reward_models) --------------------------------
+    reward: str = "verifier"
+    """What the policy is trained on: ``verifier`` (the task's verifier) or ``reward_model`` (a
+    learned reward, ``reward_models.RewardModel`` from ``reward_model_path``: a proxy; the verifier
+    is then logged as the gold score, metrics ``gold_accuracy``, ``proxy_reward``, ``kl_init``).
+    With a learned reward, ``accuracy`` counts proxy rewards >= 1; read ``gold_accuracy``."""
+    reward_model_path: Optional[str] = None
+    """Folder written by ``python -m rlbook_code.reward_models`` (``<run_dir>/final``); needed
+    with ``reward: reward_model``."""
+    reward_length_bonus: float = 0.0
+    """Adds this times the response length (tokens) to the reward: a deliberately exploitable
+    shaping (chapter 13's reward-hacking run); 0: off. Any value > 0 logs the gold metrics."""
 
     # --- evaluation, logging, checkpoints ------------------------------------------------
     eval_every: int = 25
@@ -433,6 +509,80 @@ def validate_config(cfg: TrainConfig) -> None:
             bad("task must be a non-empty list of {name, weight, config} mappings")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         bad(f"device={cfg.device!r} but torch.cuda.is_available() is False")
+    # --- off-policy (chapter 11) ---
+    for name, allowed in (("is_correction", IS_CORRECTIONS), ("is_level", ("token", "sequence"))):
+        if getattr(cfg, name) not in allowed:
+            close = difflib.get_close_matches(str(getattr(cfg, name)), allowed, n=1, cutoff=0.4)
+            bad(f"{name}={getattr(cfg, name)!r} is not one of {list(allowed)}"
+                + (f"; did you mean {close[0]!r}?" if close else ""))
+    for name in ("staleness", "max_staleness"):
+        if getattr(cfg, name) < 0:
+            bad(f"{name} must be >= 0, received {getattr(cfg, name)}")
+    for name in ("sync_every", "sampler_queue"):
+        if getattr(cfg, name) < 1:
+            bad(f"{name} must be >= 1, received {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.is_high) and cfg.is_high > 0):
+        bad(f"is_high must be a finite number > 0, received {cfg.is_high}")
+    if cfg.is_low is not None and not 0 <= cfg.is_low < cfg.is_high:
+        bad(f"is_low must be None or satisfy 0 <= is_low < is_high={cfg.is_high}, received {cfg.is_low}")
+    if cfg.max_behav_weight is not None and not cfg.max_behav_weight > 0:
+        bad(f"max_behav_weight must be > 0 or None, received {cfg.max_behav_weight}")
+    if cfg.sampler_dtype is not None and cfg.sampler_dtype not in DTYPES:
+        bad(f"sampler_dtype={cfg.sampler_dtype!r} is not one of {list(DTYPES)} or None")
+    if cfg.sampler_temperature is not None and not cfg.sampler_temperature > 0:
+        bad(f"sampler_temperature must be > 0 or None, received {cfg.sampler_temperature}: a greedy "
+            f"sampler has no behaviour probabilities to correct against")
+    if cfg.is_correction == "decoupled" and cfg.loss != "ppo":
+        bad(f"is_correction='decoupled' is PPO's clipped objective; it needs loss='ppo', received {cfg.loss!r}")
+    if cfg.is_correction == "clip" and cfg.loss == "reinforce":
+        bad("is_correction='clip' needs a ratio loss (ppo, gspo or cispo); loss='reinforce' has no ratio to clip")
+    if cfg.async_rollouts:
+        if cfg.staleness:
+            bad(f"async_rollouts has its own lag (max_staleness); staleness must be 0, received {cfg.staleness}")
+        if cfg.dynamic_sampling:
+            bad("async_rollouts does not support dynamic_sampling (the sampler sends fixed-size batches)")
+        if cfg.max_staleness < cfg.sync_every - 1:
+            bad(f"max_staleness={cfg.max_staleness} < sync_every - 1 = {cfg.sync_every - 1}: between two weight "
+                f"pushes every batch would be too old and the learner would drop batches forever")
+        if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+            bad(f"async_rollouts needs device 'cpu' or 'cuda[:n]' (weights go to the sampler process "
+                f"through CPU memory); device={cfg.device!r} cannot be shared with a second process")
+    # --- divergence to the reference (chapter 16) ---
+    if isinstance(cfg.ot_eps, bool) or not (math.isfinite(cfg.ot_eps) and cfg.ot_eps > 0):
+        bad(f"ot_eps must be a positive finite number, received {cfg.ot_eps}")
+    if cfg.ot_window is not None and cfg.ot_window < 0:
+        bad(f"ot_window must be an integer >= 0 or None, received {cfg.ot_window}")
+    if cfg.divergence == "ot":
+        if not cfg.beta > 0:
+            bad("divergence='ot' needs beta > 0 (beta weighs the OT penalty; it also loads the reference "
+                "policy whose greedy completions are the anchor)")
+        if cfg.kl_in != "loss":
+            bad(f"divergence='ot' puts its penalty in the loss; kl_in must be 'loss', received {cfg.kl_in!r}")
+    # --- LoRA (chapter 15) ---
+    if isinstance(cfg.lora_rank, bool) or cfg.lora_rank < 0:
+        bad(f"lora_rank must be an integer >= 0 (0: full fine-tuning), received {cfg.lora_rank}")
+    if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
+        bad(f"lora_alpha must be a positive finite number, received {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        bad(f"lora_dropout must be in [0, 1), received {cfg.lora_dropout}")
+    if cfg.lora_rank and (not cfg.lora_target_modules
+                          or not all(isinstance(m, str) and m for m in cfg.lora_target_modules)):
+        bad(f"lora_target_modules must be a non-empty list of module names, received {cfg.lora_target_modules!r}")
+
+    # --- learned reward (chapter 13) ---
+    if cfg.reward not in ("verifier", "reward_model"):
+        close = difflib.get_close_matches(str(cfg.reward), ["verifier", "reward_model"], n=1, cutoff=0.4)
+        bad(f"reward={cfg.reward!r} is not one of ['verifier', 'reward_model']"
+            + (f"; did you mean {close[0]!r}?" if close else ""))
+    if cfg.reward == "reward_model":
+        if not cfg.reward_model_path:
+            bad("reward='reward_model' needs reward_model_path (a folder from python -m rlbook_code.reward_models)")
+        elif not (Path(cfg.reward_model_path) / "reward_model.json").exists():
+            bad(f"reward_model_path={cfg.reward_model_path!r} holds no reward_model.json (not a reward-model folder)")
+    if not (math.isfinite(cfg.reward_length_bonus) and cfg.reward_length_bonus >= 0):
+        bad(f"reward_length_bonus must be a finite number >= 0, received {cfg.reward_length_bonus}")
+    if (cfg.reward != "verifier" or cfg.reward_length_bonus) and cfg.async_rollouts:
+        bad("a learned or shaped reward is applied in the synchronous sampler; async_rollouts does not support it")
     # --- divergence to the reference (chapter 16) ---
     if isinstance(cfg.ot_eps, bool) or not (math.isfinite(cfg.ot_eps) and cfg.ot_eps > 0):
         bad(f"ot_eps must be a positive finite number, received {cfg.ot_eps}")

@@ -86,6 +86,7 @@ class TrainState:
     eval_items: list
     step: int = 0
     items_drawn: int = 0  # training items drawn from ``task`` so far (replayed on resume)
+    sampler: Any = None  # off-policy runs only (chapter 11): async_sampler.StaleSampler / AsyncSampler
     ot_refs: dict = field(default_factory=dict)  # divergence=ot (chapter 16): reference completion per prompt
 
 
@@ -98,6 +99,7 @@ def build_state(cfg: TrainConfig, run_dir: Path | None = None) -> TrainState:
     """Load the policy (and the reference copy if ``beta > 0``), the value head (PPO), the
     optimizer, the task and the fixed evaluation set."""
     from rlbook_code import models, rewards
+    from rlbook_code.async_sampler import make_sampler
     from rlbook_code.value_head import ValueHead
 
     validate_config(cfg)
@@ -131,7 +133,7 @@ def build_state(cfg: TrainConfig, run_dir: Path | None = None) -> TrainState:
     eval_items = task.eval_items(cfg.eval_size, seed=cfg.eval_seed)
     return TrainState(cfg=cfg, run_dir=Path(run_dir or default_run_dir(cfg)), policy=policy,
                       tokenizer=tokenizer, ref=ref, value_head=value_head, optimizer=optimizer,
-                      scheduler=scheduler, task=task, eval_items=eval_items)
+                      scheduler=scheduler, task=task, eval_items=eval_items, sampler=make_sampler(cfg, policy))
 
 
 # ----------------------------------------------------------------------------------------
@@ -149,11 +151,18 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
     ``prompts_per_step`` kept groups (or on fewer, if the rounds ran out; or on the last
     round's batch if nothing varied at all).
 
+    Off-policy runs (chapter 11) sample with ``state.sampler``'s model and temperature, or take
+    the batch from the asynchronous sampler process.
+
     Returns ``(batch, items, scores (N,), stats)`` with one item per completion."""
     from rlbook_code import rollout
 
     cfg, G = state.cfg, state.cfg.group_size
+    if state.sampler is not None and state.sampler.is_async:
+        return state.sampler.next_batch(state, step)
     state.policy.eval()
+    model, temperature, sampler_stats = (state.sampler.model_for(state.policy, step - 1) if state.sampler is not None
+                                         else (state.policy, cfg.temperature, {}))
     kept, kept_items, kept_scores = [], [], []
     n_kept = n_groups = n_zero_var = 0
     last = None
@@ -163,8 +172,8 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
         prompts = [state.task.prompt(it) for it in items]
         chunk = cfg.generation_batch_size or len(prompts)
         with autocast(cfg.device, cfg.autocast_bf16):
-            parts = [rollout.generate(state.policy, state.tokenizer, prompts[i:i + chunk], group_size=G,
-                                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            parts = [rollout.generate(model, state.tokenizer, prompts[i:i + chunk], group_size=G,
+                                      max_new_tokens=cfg.max_new_tokens, temperature=temperature,
                                       top_p=cfg.top_p, seed=_seed_for(cfg, step, round_, salt=i),
                                       share_prompt=cfg.share_prompt)
                      for i in range(0, len(prompts), chunk)]
@@ -189,7 +198,7 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
             n_kept += len(groups)
         if n_kept >= cfg.prompts_per_step:
             break
-    stats = {"zero_var_frac": n_zero_var / n_groups, "sampling_rounds": float(round_ + 1)}
+    stats = {"zero_var_frac": n_zero_var / n_groups, "sampling_rounds": float(round_ + 1), **sampler_stats}
     if cfg.dynamic_sampling and kept:
         batch = concat_batches(kept, _pad_id(state.tokenizer))
         stats["kept_groups"] = float(n_kept)
@@ -214,8 +223,12 @@ def needs_old_pass(cfg: TrainConfig) -> bool:
     With one update per rollout batch (``num_epochs == num_minibatches == 1``) the policy
     being differentiated *is* the policy that sampled, so ``pi_old`` equals ``pi`` and the old
     log-probs are the new ones, detached (the ratio is exactly 1; TRL skips the pass the same
-    way). The pass is still run when a value head or a reference model needs its outputs."""
-    return cfg.num_epochs * cfg.num_minibatches > 1 or cfg.advantage == "gae" or cfg.beta > 0
+    way). The pass is still run when a value head or a reference model needs its outputs, and
+    in off-policy runs (chapter 11), where it gives the proximal log-probs."""
+    from rlbook_code.async_sampler import offpolicy_active
+
+    return cfg.num_epochs * cfg.num_minibatches > 1 or cfg.advantage == "gae" or cfg.beta > 0 \
+        or offpolicy_active(cfg)
 
 
 @torch.no_grad()
@@ -329,7 +342,11 @@ def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor | None, adv: 
         old_logp = logp.detach()
         entropy_metric = float(masked_mean(out.entropy.detach().float(), mask))  # detach: entropy_coef > 0
     metrics: dict[str, float] = {}
-    if cfg.loss == "reinforce":
+    if state.sampler is not None:  # off-policy (chapter 11): mb.logprobs are the sampler's own
+        from rlbook_code.async_sampler import policy_loss
+
+        pg, metrics = policy_loss(cfg, logp, old_logp, mb.logprobs, adv, mask)
+    elif cfg.loss == "reinforce":
         pg = reinforce_loss(logp, adv, mask)
         metrics["approx_kl_old"] = float(masked_mean(kl_k3(old_logp, logp.detach()), mask))
     elif cfg.loss == "ppo":
@@ -385,7 +402,8 @@ def save_checkpoint(state: TrainState) -> Path:
     """Write ``<run_dir>/checkpoint`` for the loop's state (:func:`checkpoint.save_checkpoint`)."""
     return ckpt.save_checkpoint(state.run_dir, step=state.step, policy=state.policy, optimizer=state.optimizer,
                                 scheduler=state.scheduler, value_head=state.value_head,
-                                items_drawn=state.items_drawn, config=state.cfg)
+                                items_drawn=state.items_drawn, config=state.cfg,
+                                extra=state.sampler.state_dict() if state.sampler is not None else None)
 
 
 def load_checkpoint(state: TrainState, ckpt_dir: Path) -> None:
@@ -395,7 +413,9 @@ def load_checkpoint(state: TrainState, ckpt_dir: Path) -> None:
                                 scheduler=state.scheduler, value_head=state.value_head,
                                 map_location=state.cfg.device)
     state.items_drawn = blob["items_drawn"]
-    if state.items_drawn:
+    if state.sampler is not None:
+        state.sampler.load_state_dict(blob["extra"])
+    if state.items_drawn and not (state.sampler is not None and state.sampler.is_async):
         state.task.sample(state.items_drawn)
     ckpt.set_rng_state(blob["rng"])
     state.step = blob["step"]
@@ -564,11 +584,15 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                desc=cfg.algo, mininterval=1.0 if sys.stderr.isatty() else 10.0)  # few lines in notebooks
     ran = 0
     try:
+        if state.sampler is not None:
+            state.sampler.start(state)  # async: spawns the sampler process (closed below)
         while state.step < cfg.steps:
             step = state.step + 1
             rec = train_step(state, step)
             state.step = step
             ran += 1
+            if state.sampler is not None:
+                state.sampler.after_step(state)  # async: sends the weights every sync_every steps
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 rec.update(run_eval(state))
                 if cfg.progress:
@@ -583,6 +607,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
             if stopping:
                 break
     finally:
+        if state.sampler is not None:
+            state.sampler.close()
         bar.close()
         if writer is not None:
             writer.close()
