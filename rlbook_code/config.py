@@ -251,18 +251,19 @@ class TrainConfig:
     sampler_queue: int = 1
     """Async: finished batches the sampler may hold ready ahead of the learner."""
 
-    # --- learned reward (chapter 13; module reward_models) --------------------------------
-    reward: str = "verifier"
-    """What the policy is trained on: ``verifier`` (the task's verifier) or ``reward_model`` (a
-    learned reward, ``reward_models.RewardModel`` from ``reward_model_path``: a proxy; the verifier
-    is then logged as the gold score, metrics ``gold_accuracy``, ``proxy_reward``, ``kl_init``).
-    With a learned reward, ``accuracy`` counts proxy rewards >= 1; read ``gold_accuracy``."""
-    reward_model_path: Optional[str] = None
-    """Folder written by ``python -m rlbook_code.reward_models`` (``<run_dir>/final``); needed
-    with ``reward: reward_model``."""
-    reward_length_bonus: float = 0.0
-    """Adds this times the response length (tokens) to the reward: a deliberately exploitable
-    shaping (chapter 13's reward-hacking run); 0: off. Any value > 0 logs the gold metrics."""
+    # --- LoRA (chapter 15; module lora) -------------------------------------------------
+    lora_rank: int = 0
+    """Rank r of the LoRA adapters (``lora.add_lora``: W x + (alpha / r) B A x on each target
+    module, base weights frozen); 0: full fine-tuning. With LoRA and ``beta > 0`` the
+    reference policy is the same model with its adapters disabled (no second copy)."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the update is multiplied by ``lora_alpha / lora_rank``."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (training mode only). Keep 0 for RL: with dropout the
+    update pass scores tokens with a different network than the sampler, so ratio != 1."""
+    lora_target_modules: list = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names of the linear layers that get adapters (Llama / Qwen names: every projection)."""
 
     # --- evaluation, logging, checkpoints ------------------------------------------------
     eval_every: int = 25
@@ -530,21 +531,17 @@ def validate_config(cfg: TrainConfig) -> None:
                 "policy whose greedy completions are the anchor)")
         if cfg.kl_in != "loss":
             bad(f"divergence='ot' puts its penalty in the loss; kl_in must be 'loss', received {cfg.kl_in!r}")
+    # --- LoRA (chapter 15) ---
+    if isinstance(cfg.lora_rank, bool) or cfg.lora_rank < 0:
+        bad(f"lora_rank must be an integer >= 0 (0: full fine-tuning), received {cfg.lora_rank}")
+    if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
+        bad(f"lora_alpha must be a positive finite number, received {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        bad(f"lora_dropout must be in [0, 1), received {cfg.lora_dropout}")
+    if cfg.lora_rank and (not cfg.lora_target_modules
+                          or not all(isinstance(m, str) and m for m in cfg.lora_target_modules)):
+        bad(f"lora_target_modules must be a non-empty list of module names, received {cfg.lora_target_modules!r}")
 
-    # --- learned reward (chapter 13) ---
-    if cfg.reward not in ("verifier", "reward_model"):
-        close = difflib.get_close_matches(str(cfg.reward), ["verifier", "reward_model"], n=1, cutoff=0.4)
-        bad(f"reward={cfg.reward!r} is not one of ['verifier', 'reward_model']"
-            + (f"; did you mean {close[0]!r}?" if close else ""))
-    if cfg.reward == "reward_model":
-        if not cfg.reward_model_path:
-            bad("reward='reward_model' needs reward_model_path (a folder from python -m rlbook_code.reward_models)")
-        elif not (Path(cfg.reward_model_path) / "reward_model.json").exists():
-            bad(f"reward_model_path={cfg.reward_model_path!r} holds no reward_model.json (not a reward-model folder)")
-    if not (math.isfinite(cfg.reward_length_bonus) and cfg.reward_length_bonus >= 0):
-        bad(f"reward_length_bonus must be a finite number >= 0, received {cfg.reward_length_bonus}")
-    if (cfg.reward != "verifier" or cfg.reward_length_bonus) and cfg.async_rollouts:
-        bad("a learned or shaped reward is applied in the synchronous sampler; async_rollouts does not support it")
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write ``cfg`` as YAML (every field, in declaration order): :func:`load_config` reads it back."""

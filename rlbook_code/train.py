@@ -88,7 +88,6 @@ class TrainState:
     items_drawn: int = 0  # training items drawn from ``task`` so far (replayed on resume)
     sampler: Any = None  # off-policy runs only (chapter 11): async_sampler.StaleSampler / AsyncSampler
     ot_refs: dict = field(default_factory=dict)  # divergence=ot (chapter 16): reference completion per prompt
-    reward_fn: Any = None  # chapter 13: reward_models.LearnedReward (a learned or shaped proxy reward)
 
 
 def _seed_for(cfg: TrainConfig, step: int, round_: int = 0, salt: int = 0) -> int:
@@ -111,10 +110,16 @@ def build_state(cfg: TrainConfig, run_dir: Path | None = None) -> TrainState:
     np.random.seed(cfg.seed)
     dtype = DTYPES[cfg.dtype]
     policy, tokenizer = models.load_policy(cfg.model_name, device=cfg.device, dtype=dtype)
+    if cfg.lora_rank:  # chapter 15: only the adapters train
+        from rlbook_code import lora
+
+        lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     if cfg.gradient_checkpointing:
         models.enable_gradient_checkpointing(policy)
     ref = None
-    if cfg.beta > 0:
+    if cfg.beta > 0 and cfg.lora_rank:  # the base model is the reference: adapters off, no copy
+        ref = lora.DisabledAdapters(policy)
+    elif cfg.beta > 0:
         ref = copy.deepcopy(policy).eval()
         ref.requires_grad_(False)
     value_head = None
@@ -132,13 +137,9 @@ def build_state(cfg: TrainConfig, run_dir: Path | None = None) -> TrainState:
     task = rewards.TaskMixture(cfg.task if cfg.task is not None else rewards.DEFAULT_TASK, seed=cfg.seed,
                                answer_format=cfg.answer_format)
     eval_items = task.eval_items(cfg.eval_size, seed=cfg.eval_seed)
-    state = TrainState(cfg=cfg, run_dir=Path(run_dir or default_run_dir(cfg)), policy=policy,
+    return TrainState(cfg=cfg, run_dir=Path(run_dir or default_run_dir(cfg)), policy=policy,
                       tokenizer=tokenizer, ref=ref, value_head=value_head, optimizer=optimizer,
                       scheduler=scheduler, task=task, eval_items=eval_items, sampler=make_sampler(cfg, policy))
-    from rlbook_code.reward_models import make_learned_reward
-
-    state.reward_fn = make_learned_reward(cfg, policy, ref)  # None: the verifier alone
-    return state
 
 
 # ----------------------------------------------------------------------------------------
@@ -186,9 +187,6 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
         rep_items = [it for it in items for _ in range(G)]
         scores = torch.tensor(state.task.score(batch.texts, rep_items, mode=cfg.reward_mode),
                               dtype=torch.float32)
-        reward_stats = {}
-        if state.reward_fn is not None:  # chapter 13: train on a proxy, log the verifier as gold
-            scores, reward_stats = state.reward_fn(state, batch, rep_items, scores)
         grouped = scores.view(-1, G)
         varied = grouped.amax(1) != grouped.amin(1)  # (P,)
         n_groups += len(items)
@@ -206,7 +204,7 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
             n_kept += len(groups)
         if n_kept >= cfg.prompts_per_step:
             break
-    stats = {"zero_var_frac": n_zero_var / n_groups, "sampling_rounds": float(round_ + 1), **sampler_stats, **reward_stats}
+    stats = {"zero_var_frac": n_zero_var / n_groups, "sampling_rounds": float(round_ + 1), **sampler_stats}
     if cfg.dynamic_sampling and kept:
         batch = concat_batches(kept, _pad_id(state.tokenizer))
         stats["kept_groups"] = float(n_kept)
@@ -621,7 +619,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
         if writer is not None:
             writer.close()
     if state.step >= cfg.steps and cfg.save_final_model:
-        ckpt.save_final(run_dir / "final", state.policy, state.tokenizer, state.value_head)
+        from rlbook_code.lora import has_lora, merged_model
+
+        final_policy = merged_model(state.policy) if has_lora(state.policy) else state.policy  # LoRA: merged
+        ckpt.save_final(run_dir / "final", final_policy, state.tokenizer, state.value_head)
     return run_dir
 
 
