@@ -251,6 +251,19 @@ class TrainConfig:
     sampler_queue: int = 1
     """Async: finished batches the sampler may hold ready ahead of the learner."""
 
+    # --- learned reward (chapter 13; module reward_models) --------------------------------
+    reward: str = "verifier"
+    """What the policy is trained on: ``verifier`` (the task's verifier) or ``reward_model`` (a
+    learned reward, ``reward_models.RewardModel`` from ``reward_model_path``: a proxy; the verifier
+    is then logged as the gold score, metrics ``gold_accuracy``, ``proxy_reward``, ``kl_init``).
+    With a learned reward, ``accuracy`` counts proxy rewards >= 1; read ``gold_accuracy``."""
+    reward_model_path: Optional[str] = None
+    """Folder written by ``python -m rlbook_code.reward_models`` (``<run_dir>/final``); needed
+    with ``reward: reward_model``."""
+    reward_length_bonus: float = 0.0
+    """Adds this times the response length (tokens) to the reward: a deliberately exploitable
+    shaping (chapter 13's reward-hacking run); 0: off. Any value > 0 logs the gold metrics."""
+
     # --- LoRA (chapter 15; module lora) -------------------------------------------------
     lora_rank: int = 0
     """Rank r of the LoRA adapters (``lora.add_lora``: W x + (alpha / r) B A x on each target
@@ -531,6 +544,21 @@ def validate_config(cfg: TrainConfig) -> None:
                 "policy whose greedy completions are the anchor)")
         if cfg.kl_in != "loss":
             bad(f"divergence='ot' puts its penalty in the loss; kl_in must be 'loss', received {cfg.kl_in!r}")
+
+    # --- learned reward (chapter 13) ---
+    if cfg.reward not in ("verifier", "reward_model"):
+        close = difflib.get_close_matches(str(cfg.reward), ["verifier", "reward_model"], n=1, cutoff=0.4)
+        bad(f"reward={cfg.reward!r} is not one of ['verifier', 'reward_model']"
+            + (f"; did you mean {close[0]!r}?" if close else ""))
+    if cfg.reward == "reward_model":
+        if not cfg.reward_model_path:
+            bad("reward='reward_model' needs reward_model_path (a folder from python -m rlbook_code.reward_models)")
+        elif not (Path(cfg.reward_model_path) / "reward_model.json").exists():
+            bad(f"reward_model_path={cfg.reward_model_path!r} holds no reward_model.json (not a reward-model folder)")
+    if not (math.isfinite(cfg.reward_length_bonus) and cfg.reward_length_bonus >= 0):
+        bad(f"reward_length_bonus must be a finite number >= 0, received {cfg.reward_length_bonus}")
+    if (cfg.reward != "verifier" or cfg.reward_length_bonus) and cfg.async_rollouts:
+        bad("a learned or shaped reward is applied in the synchronous sampler; async_rollouts does not support it")
     # --- LoRA (chapter 15) ---
     if isinstance(cfg.lora_rank, bool) or cfg.lora_rank < 0:
         bad(f"lora_rank must be an integer >= 0 (0: full fine-tuning), received {cfg.lora_rank}")

@@ -88,6 +88,7 @@ class TrainState:
     items_drawn: int = 0  # training items drawn from ``task`` so far (replayed on resume)
     sampler: Any = None  # off-policy runs only (chapter 11): async_sampler.StaleSampler / AsyncSampler
     ot_refs: dict = field(default_factory=dict)  # divergence=ot (chapter 16): reference completion per prompt
+    reward_fn: Any = None  # chapter 13: reward_models.LearnedReward (a learned or shaped proxy reward)
 
 
 def _seed_for(cfg: TrainConfig, step: int, round_: int = 0, salt: int = 0) -> int:
@@ -137,9 +138,13 @@ def build_state(cfg: TrainConfig, run_dir: Path | None = None) -> TrainState:
     task = rewards.TaskMixture(cfg.task if cfg.task is not None else rewards.DEFAULT_TASK, seed=cfg.seed,
                                answer_format=cfg.answer_format)
     eval_items = task.eval_items(cfg.eval_size, seed=cfg.eval_seed)
-    return TrainState(cfg=cfg, run_dir=Path(run_dir or default_run_dir(cfg)), policy=policy,
+    state = TrainState(cfg=cfg, run_dir=Path(run_dir or default_run_dir(cfg)), policy=policy,
                       tokenizer=tokenizer, ref=ref, value_head=value_head, optimizer=optimizer,
                       scheduler=scheduler, task=task, eval_items=eval_items, sampler=make_sampler(cfg, policy))
+    from rlbook_code.reward_models import make_learned_reward
+
+    state.reward_fn = make_learned_reward(cfg, policy, ref)  # None: the verifier alone
+    return state
 
 
 # ----------------------------------------------------------------------------------------
@@ -187,6 +192,9 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
         rep_items = [it for it in items for _ in range(G)]
         scores = torch.tensor(state.task.score(batch.texts, rep_items, mode=cfg.reward_mode),
                               dtype=torch.float32)
+        reward_stats = {}
+        if state.reward_fn is not None:  # chapter 13: train on a proxy, log the verifier as gold
+            scores, reward_stats = state.reward_fn(state, batch, rep_items, scores)
         grouped = scores.view(-1, G)
         varied = grouped.amax(1) != grouped.amin(1)  # (P,)
         n_groups += len(items)
@@ -204,7 +212,7 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
             n_kept += len(groups)
         if n_kept >= cfg.prompts_per_step:
             break
-    stats = {"zero_var_frac": n_zero_var / n_groups, "sampling_rounds": float(round_ + 1), **sampler_stats}
+    stats = {"zero_var_frac": n_zero_var / n_groups, "sampling_rounds": float(round_ + 1), **sampler_stats, **reward_stats}
     if cfg.dynamic_sampling and kept:
         batch = concat_batches(kept, _pad_id(state.tokenizer))
         stats["kept_groups"] = float(n_kept)
