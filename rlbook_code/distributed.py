@@ -121,24 +121,27 @@ def barrier() -> None:
         dist.barrier()
 
 
-def chunk_starts(n: int, chunk: int) -> list[int]:
-    """Start indices of the generation chunks this rank samples: the chunks of ``range(0, n,
-    chunk)``, dealt out in contiguous blocks. Raises ValueError unless the chunks divide evenly
-    among the ranks (so every rank samples as many and the union is the whole batch)."""
+def chunk_starts(n: int, chunk: int, *, rank: int | None = None, world_size: int | None = None) -> list[int]:
+    """Start indices of the generation chunks a rank samples (this process's by default): the
+    chunks of ``range(0, n, chunk)``, dealt out in contiguous blocks. Raises ValueError unless
+    the chunks divide evenly among the ranks (so every rank samples as many and the union is
+    the whole batch)."""
     starts = list(range(0, n, chunk))
-    w = _INFO.world_size
+    w = _INFO.world_size if world_size is None else world_size
+    r = _INFO.rank if rank is None else rank
     if len(starts) % w:
         raise ValueError(f"{len(starts)} generation chunks of {chunk} prompts cannot be shared by {w} ranks: "
                          f"choose generation_batch_size so that prompts_per_step / generation_batch_size is "
                          f"a multiple of {w}")
     per = len(starts) // w
-    return starts[_INFO.rank * per:(_INFO.rank + 1) * per]
+    return starts[r * per:(r + 1) * per]
 
 
-def local_rows(n: int) -> range:
-    """This rank's contiguous share of ``n`` rows (the last ranks get one row fewer when ``n``
-    does not divide evenly)."""
-    w, r = _INFO.world_size, _INFO.rank
+def local_rows(n: int, *, rank: int | None = None, world_size: int | None = None) -> range:
+    """A rank's contiguous share of ``n`` rows (this process's by default; the last ranks get
+    one row fewer when ``n`` does not divide evenly)."""
+    w = _INFO.world_size if world_size is None else world_size
+    r = _INFO.rank if rank is None else rank
     base, extra = divmod(n, w)
     start = r * base + min(r, extra)
     return range(start, start + base + (1 if r < extra else 0))
