@@ -204,20 +204,6 @@ class TrainConfig:
     overlong_penalty: float = 1.0
     """Largest overlong penalty (subtracted from the reward at ``max_new_tokens``)."""
 
-    # --- divergence to the reference: KL or optimal transport (chapter 16; module ot) ----
-    divergence: str = "kl"
-    """What ``beta`` weighs: ``kl`` (the ``kl_estimator`` of KL(pi || pi_ref), per token) or ``ot``
-    (``ot_regularizer.ot_penalty``: a Sinkhorn divergence between the policy's expected token
-    embeddings along each completion and the embeddings of the reference policy's greedy
-    completion of the same prompt, per sequence; the KL is then only logged)."""
-    ot_eps: float = 0.1
-    """Entropic regularisation of the OT penalty, in units of ``ot_cost`` (cosine costs lie in [0, 2])."""
-    ot_window: Optional[int] = None
-    """Positional band of the OT penalty: position i may only move to positions within this many
-    (relative) positions, ``ot.window_mask``; 0: position by position; None: anywhere."""
-    ot_cost: str = "cosine"
-    """Cost between two token embeddings: ``cosine`` (1 - cos) or ``sqeuclidean``."""
-
     # --- off-policy (chapter 11; module async_sampler) -----------------------------------
     staleness: int = 0
     """Lag k of a synchronous stale sampler: the batch of update t is sampled by the weights of
@@ -251,18 +237,19 @@ class TrainConfig:
     sampler_queue: int = 1
     """Async: finished batches the sampler may hold ready ahead of the learner."""
 
-    # --- learned reward (chapter 13; module reward_models) --------------------------------
-    reward: str = "verifier"
-    """What the policy is trained on: ``verifier`` (the task's verifier) or ``reward_model`` (a
-    learned reward, ``reward_models.RewardModel`` from ``reward_model_path``: a proxy; the verifier
-    is then logged as the gold score, metrics ``gold_accuracy``, ``proxy_reward``, ``kl_init``).
-    With a learned reward, ``accuracy`` counts proxy rewards >= 1; read ``gold_accuracy``."""
-    reward_model_path: Optional[str] = None
-    """Folder written by ``python -m rlbook_code.reward_models`` (``<run_dir>/final``); needed
-    with ``reward: reward_model``."""
-    reward_length_bonus: float = 0.0
-    """Adds this times the response length (tokens) to the reward: a deliberately exploitable
-    shaping (chapter 13's reward-hacking run); 0: off. Any value > 0 logs the gold metrics."""
+    # --- divergence to the reference: KL or optimal transport (chapter 16; module ot) ----
+    divergence: str = "kl"
+    """What ``beta`` weighs: ``kl`` (the ``kl_estimator`` of KL(pi || pi_ref), per token) or ``ot``
+    (``ot_regularizer.ot_penalty``: a Sinkhorn divergence between the policy's expected token
+    embeddings along each completion and the embeddings of the reference policy's greedy
+    completion of the same prompt, per sequence; the KL is then only logged)."""
+    ot_eps: float = 0.1
+    """Entropic regularisation of the OT penalty, in units of ``ot_cost`` (cosine costs lie in [0, 2])."""
+    ot_window: Optional[int] = None
+    """Positional band of the OT penalty: position i may only move to positions within this many
+    (relative) positions, ``ot.window_mask``; 0: position by position; None: anywhere."""
+    ot_cost: str = "cosine"
+    """Cost between two token embeddings: ``cosine`` (1 - cos) or ``sqeuclidean``."""
 
     # --- LoRA (chapter 15; module lora) -------------------------------------------------
     lora_rank: int = 0
@@ -277,6 +264,19 @@ class TrainConfig:
     lora_target_modules: list = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Names of the linear layers that get adapters (Llama / Qwen names: every projection)."""
+
+    # --- learned reward (chapter 13; module reward_models) --------------------------------
+    reward: str = "verifier"
+    """What the policy is trained on: ``verifier`` (the task's verifier) or ``reward_model`` (a
+    learned reward, ``reward_models.RewardModel`` from ``reward_model_path``: a proxy; the verifier
+    is then logged as the gold score, metrics ``gold_accuracy``, ``proxy_reward``, ``kl_init``).
+    With a learned reward, ``accuracy`` counts proxy rewards >= 1; read ``gold_accuracy``."""
+    reward_model_path: Optional[str] = None
+    """Folder written by ``python -m rlbook_code.reward_models`` (``<run_dir>/final``); needed
+    with ``reward: reward_model``."""
+    reward_length_bonus: float = 0.0
+    """Adds this times the response length (tokens) to the reward: a deliberately exploitable
+    shaping (chapter 13's reward-hacking run); 0: off. Any value > 0 logs the gold metrics."""
 
     # --- evaluation, logging, checkpoints ------------------------------------------------
     eval_every: int = 25
@@ -544,6 +544,16 @@ def validate_config(cfg: TrainConfig) -> None:
                 "policy whose greedy completions are the anchor)")
         if cfg.kl_in != "loss":
             bad(f"divergence='ot' puts its penalty in the loss; kl_in must be 'loss', received {cfg.kl_in!r}")
+    # --- LoRA (chapter 15) ---
+    if isinstance(cfg.lora_rank, bool) or cfg.lora_rank < 0:
+        bad(f"lora_rank must be an integer >= 0 (0: full fine-tuning), received {cfg.lora_rank}")
+    if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
+        bad(f"lora_alpha must be a positive finite number, received {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        bad(f"lora_dropout must be in [0, 1), received {cfg.lora_dropout}")
+    if cfg.lora_rank and (not cfg.lora_target_modules
+                          or not all(isinstance(m, str) and m for m in cfg.lora_target_modules)):
+        bad(f"lora_target_modules must be a non-empty list of module names, received {cfg.lora_target_modules!r}")
 
     # --- learned reward (chapter 13) ---
     if cfg.reward not in ("verifier", "reward_model"):
@@ -559,17 +569,6 @@ def validate_config(cfg: TrainConfig) -> None:
         bad(f"reward_length_bonus must be a finite number >= 0, received {cfg.reward_length_bonus}")
     if (cfg.reward != "verifier" or cfg.reward_length_bonus) and cfg.async_rollouts:
         bad("a learned or shaped reward is applied in the synchronous sampler; async_rollouts does not support it")
-    # --- LoRA (chapter 15) ---
-    if isinstance(cfg.lora_rank, bool) or cfg.lora_rank < 0:
-        bad(f"lora_rank must be an integer >= 0 (0: full fine-tuning), received {cfg.lora_rank}")
-    if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
-        bad(f"lora_alpha must be a positive finite number, received {cfg.lora_alpha}")
-    if not 0 <= cfg.lora_dropout < 1:
-        bad(f"lora_dropout must be in [0, 1), received {cfg.lora_dropout}")
-    if cfg.lora_rank and (not cfg.lora_target_modules
-                          or not all(isinstance(m, str) and m for m in cfg.lora_target_modules)):
-        bad(f"lora_target_modules must be a non-empty list of module names, received {cfg.lora_target_modules!r}")
-
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write ``cfg`` as YAML (every field, in declaration order): :func:`load_config` reads it back."""

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from rlbook_code import checkpoint as ckpt
+from rlbook_code import distributed
 from rlbook_code.config import (  # noqa: F401  (re-exported: ``train.load_config`` etc.)
     ALGORITHMS, DTYPES, ConfigError, TrainConfig, apply_overrides, config_from_dict, config_help,
     default_run_dir, field_docs, load_config, lr_lambda, parse_overrides, save_config, validate_config)
@@ -58,6 +59,7 @@ from rlbook_code.checkpoint import read_metrics  # noqa: F401  (re-exported)
 from rlbook_code.models import autocast
 from rlbook_code.rewards import overlong_penalty
 from rlbook_code.rollout import concat_batches
+from rlbook_code.value_head import value_loss
 
 __all__ = ["TrainConfig", "ConfigError", "NonFiniteError", "load_config", "apply_overrides", "validate_config",
            "field_docs", "read_metrics", "TrainState", "build_state", "train_step", "train", "main"]
@@ -86,9 +88,9 @@ class TrainState:
     eval_items: list
     step: int = 0
     items_drawn: int = 0  # training items drawn from ``task`` so far (replayed on resume)
-    sampler: Any = None  # off-policy runs only (chapter 11): async_sampler.StaleSampler / AsyncSampler
     ot_refs: dict = field(default_factory=dict)  # divergence=ot (chapter 16): reference completion per prompt
     reward_fn: Any = None  # chapter 13: reward_models.LearnedReward (a learned or shaped proxy reward)
+    sampler: Any = None  # off-policy runs only (chapter 11): async_sampler.StaleSampler / AsyncSampler
 
 
 def _seed_for(cfg: TrainConfig, step: int, round_: int = 0, salt: int = 0) -> int:
@@ -181,13 +183,14 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
         items = state.task.sample(cfg.prompts_per_step)
         state.items_drawn += len(items)
         prompts = [state.task.prompt(it) for it in items]
-        chunk = cfg.generation_batch_size or len(prompts)
-        with autocast(cfg.device, cfg.autocast_bf16):
+        chunk = cfg.generation_batch_size or len(prompts) // distributed.world_size()
+        with autocast(cfg.device, cfg.autocast_bf16):  # each rank samples its chunks (all of them on one process)
             parts = [rollout.generate(model, state.tokenizer, prompts[i:i + chunk], group_size=G,
                                       max_new_tokens=cfg.max_new_tokens, temperature=temperature,
                                       top_p=cfg.top_p, seed=_seed_for(cfg, step, round_, salt=i),
                                       share_prompt=cfg.share_prompt)
-                     for i in range(0, len(prompts), chunk)]
+                     for i in distributed.chunk_starts(len(prompts), chunk)]
+        parts = [p for rank_parts in distributed.gather_objects(parts) for p in rank_parts]
         batch = concat_batches(parts, _pad_id(state.tokenizer))
         rep_items = [it for it in items for _ in range(G)]
         scores = torch.tensor(state.task.score(batch.texts, rep_items, mode=cfg.reward_mode),
@@ -227,6 +230,8 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
 # Scoring, advantages and the loss
 # ----------------------------------------------------------------------------------------
 def _micro_slices(n: int, size: int | None) -> list[slice]:
+    if n == 0:  # a rank that owns no row of a minibatch (data parallel) has nothing to differentiate
+        return []
     size = size or n
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -260,9 +265,9 @@ def score_rollouts(state: TrainState, batch) -> dict[str, torch.Tensor | None]:
     critic = state.value_head is not None
     old, ent, ref, val = [], [], [], []
     state.policy.eval()
-    n = batch.completion_ids.shape[0]
-    for sl in _micro_slices(n, cfg.micro_batch_size):
-        mb = batch.select(list(range(sl.start, sl.stop)))
+    rows = distributed.local_rows(batch.completion_ids.shape[0])  # this rank's share (all rows on one process)
+    for sl in _micro_slices(len(rows), cfg.micro_batch_size):
+        mb = batch.select(list(rows[sl]))
         with autocast(cfg.device, cfg.autocast_bf16):
             out = rollout.completion_logprobs(state.policy, mb, temperature=cfg.temperature,
                                               with_entropy=True, with_hidden=critic,
@@ -275,6 +280,8 @@ def score_rollouts(state: TrainState, batch) -> dict[str, torch.Tensor | None]:
             with autocast(cfg.device, cfg.autocast_bf16):
                 ref.append(rollout.completion_logprobs(state.ref, mb, temperature=cfg.temperature,
                                                        share_prompt=cfg.share_prompt).logprobs.float())
+    parts = distributed.gather_objects((old, ent, ref, val))  # every rank gets every row, in order
+    old, ent, ref, val = ([t for p in parts for t in p[k]] for k in range(4))
     return {"old_logp": torch.cat(old), "entropy": torch.cat(ent),
             "ref_logp": torch.cat(ref) if ref else None, "values": torch.cat(val) if val else None}
 
@@ -394,14 +401,9 @@ def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor | None, adv: 
     if critic:
         hidden = out.hidden.detach() if cfg.value_detach else out.hidden
         values = state.value_head(hidden)  # (b, T)
-        err = (values - returns) ** 2
+        v_loss, clip_frac = value_loss(values, old_values, returns, mask, cfg.value_clip, num_tokens=num_tokens)
         if cfg.value_clip is not None:
-            clipped = old_values + (values - old_values).clamp(-cfg.value_clip, cfg.value_clip)
-            err_c = (clipped - returns) ** 2
-            metrics["value_clip_frac"] = float(masked_mean((err_c > err).float(), mask))
-            err = torch.maximum(err, err_c)
-        v_loss = aggregation.aggregate(torch.where(mask, 0.5 * err, 0.0), mask, "token-mean",
-                                       num_tokens=num_tokens)
+            metrics["value_clip_frac"] = clip_frac
         metrics["value_loss"] = float(v_loss.detach())
         loss = loss + cfg.vf_coef * v_loss
     metrics["loss"] = float(loss.detach())
@@ -458,7 +460,7 @@ def run_eval(state: TrainState) -> dict[str, float]:
 
 def _check_finite(state: TrainState, step: int, name: str, value: float) -> None:
     if not math.isfinite(value):
-        path = save_checkpoint(state)
+        path = save_checkpoint(state) if distributed.is_main() else state.run_dir / "checkpoint"
         raise NonFiniteError(f"step {step}: {name} is {value} (non-finite); stopped before the "
                              f"optimizer step, checkpoint saved to {path}")
 
@@ -494,6 +496,7 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
     n_updates = 0
     params = [p for grp in state.optimizer.param_groups for p in grp["params"]]
     G = batch.group_size
+    rows = distributed.local_rows(n)  # the rows this rank differentiates (all of them on one process)
     for _epoch in range(cfg.num_epochs):
         if cfg.num_minibatches == 1:
             perm = torch.arange(n)
@@ -506,8 +509,9 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
             num_tokens = float(mask[idx].sum())
             num_seqs = len(idx)
             state.optimizer.zero_grad(set_to_none=True)
-            for sl in _micro_slices(len(idx), cfg.micro_batch_size):
-                sub = idx[sl]
+            mine = idx[(idx >= rows.start) & (idx < rows.stop)]
+            for sl in _micro_slices(len(mine), cfg.micro_batch_size):
+                sub = mine[sl]
                 mb = batch.select(sub.tolist())
                 loss, m = micro_batch_loss(
                     state, mb, sc["old_logp"][sub] if sc["old_logp"] is not None else None, adv[sub],
@@ -522,6 +526,7 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
                         sums[k] = sums.get(k, 0.0) + w * v
                 _check_finite(state, step, "loss", float(loss.detach()))
                 loss.backward()
+            distributed.all_reduce_grads(params)  # sum over ranks: the losses were global-normalised
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
             gn = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             _check_finite(state, step, "grad_norm", gn)
@@ -546,7 +551,7 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
     if sc["entropy"] is not None:
         rec["entropy"] = float(masked_mean(sc["entropy"], mask))
     rec["response_length"] = float(lengths.float().mean())
-    for k, v in sums.items():
+    for k, v in distributed.all_reduce_sums(sums).items():
         rec[k] = v / n_updates
     rec.update(stats)
     if sc["values"] is not None:
@@ -573,28 +578,40 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
     from tqdm import tqdm
 
     validate_config(cfg)
-    run_dir = ckpt.prepare_run_dir(default_run_dir(cfg) if resume is None else resume,
-                                   resume=resume is not None, overwrite=cfg.overwrite)
+    world, device = distributed.init(cfg.device)  # under torchrun: join the ranks (module distributed)
+    if device != cfg.device:
+        cfg = apply_overrides(cfg, device=device)
+    if world.world_size > 1 and getattr(cfg, "async_rollouts", False):
+        raise ConfigError("async_rollouts=true runs one learner process; it cannot be combined with torchrun")
+    main_rank = distributed.is_main()  # rank 0 alone writes files, evaluates and prints
+    run_dir = Path(default_run_dir(cfg) if resume is None else resume)
+    if main_rank or resume is not None:
+        ckpt.prepare_run_dir(run_dir, resume=resume is not None, overwrite=cfg.overwrite)
+    distributed.barrier()
     state = build_state(cfg, run_dir)
     if resume is not None:
         load_checkpoint(state, run_dir / "checkpoint")
-        ckpt.truncate_metrics(run_dir, state.step)
-    save_config(cfg, run_dir / "config.yaml")
-    writer = ckpt.tensorboard_writer(run_dir, cfg.tensorboard)
+        if main_rank:
+            ckpt.truncate_metrics(run_dir, state.step)
+    if main_rank:
+        save_config(cfg, run_dir / "config.yaml")
+    writer = ckpt.tensorboard_writer(run_dir, cfg.tensorboard and main_rank)
 
     def log(rec: dict[str, float]) -> None:
+        if not main_rank:
+            return
         ckpt.append_metrics(run_dir, rec)
         if writer is not None:
             for k, v in rec.items():
                 if k != "step":
                     writer.add_scalar(k, v, rec["step"])
 
-    if state.step == 0:
+    if state.step == 0 and main_rank:
         ev = run_eval(state)
         log({"step": 0, **ev})
         if cfg.progress:
             tqdm.write(_eval_line(0, ev), file=sys.stderr)
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not cfg.progress, file=sys.stderr,
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (cfg.progress and main_rank), file=sys.stderr,
                desc=cfg.algo, mininterval=1.0 if sys.stderr.isatty() else 10.0)  # few lines in notebooks
     ran = 0
     try:
@@ -607,7 +624,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
             ran += 1
             if state.sampler is not None:
                 state.sampler.after_step(state)  # async: sends the weights every sync_every steps
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            if main_rank and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 rec.update(run_eval(state))
                 if cfg.progress:
                     tqdm.write(_eval_line(step, rec), file=sys.stderr)
@@ -616,7 +633,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.2f}",
                             len=f"{rec['response_length']:.1f}", refresh=False)
             stopping = cfg.stop_after is not None and ran >= cfg.stop_after
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping:
+            if main_rank and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping):
                 save_checkpoint(state)
             if stopping:
                 break
@@ -626,11 +643,13 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
         bar.close()
         if writer is not None:
             writer.close()
-    if state.step >= cfg.steps and cfg.save_final_model:
+    if state.step >= cfg.steps and cfg.save_final_model and main_rank:
         from rlbook_code.lora import has_lora, merged_model
 
         final_policy = merged_model(state.policy) if has_lora(state.policy) else state.policy  # LoRA: merged
         ckpt.save_final(run_dir / "final", final_policy, state.tokenizer, state.value_head)
+    distributed.barrier()  # no rank leaves before rank 0 has written the run's last files
+    distributed.shutdown()
     return run_dir
 
 
@@ -684,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(f"run folder: {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
+        print(f"run folder: {run_dir}")
     return 0
 
 
