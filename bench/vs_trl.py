@@ -31,14 +31,11 @@ on the same fixed held-out items. Per step, rlbook's time is ``rollout_s + updat
 its ``metrics.jsonl``; TRL's is the wall time between its ``on_step_begin`` and
 ``on_step_end`` callbacks (generation, reward, loss, backward, optimizer step).
 
-TRL is an optional dependency of this script only. Install it next to the pinned torch
-(an unpinned install pulls a CUDA build of torch), preferably in its own environment::
-
-    python -m venv .venv-trl
-    .venv-trl/bin/pip install torch==2.13.0
-    .venv-trl/bin/pip install -c <(echo torch==2.13.0) trl -r requirements.txt
-    .venv-trl/bin/pip install --no-deps -e .
-    .venv-trl/bin/python bench/vs_trl.py
+TRL 1.16 is part of the book's environment (``requirements-parity.txt``, installed by
+``make setup`` for chapter 12 and the parity tests), so ``.venv/bin/python bench/vs_trl.py``
+runs as is; ``rlbook_code.bridges`` holds the same mapping as a library (``trl_grpo_kwargs``,
+``train_with_trl``), tested against TRL's own ``GRPOConfig``. ``--python`` runs the workers with
+another interpreter (an environment with a different TRL, say).
 """
 
 from __future__ import annotations
@@ -62,11 +59,7 @@ RESULT_TAG = "VS_TRL_RESULT "
 AGG_TO_TRL = {"seq-mean-token-mean": "grpo", "token-mean": "bnpo", "seq-mean-token-sum-norm": "dr_grpo"}
 INSTALL_HINT = (
     "TRL is not installed for {python}.\n"
-    "It is an optional dependency of this benchmark only; install it next to the pinned torch, e.g.\n"
-    "    python -m venv .venv-trl && .venv-trl/bin/pip install torch==2.13.0\n"
-    "    .venv-trl/bin/pip install -c <(echo torch==2.13.0) trl -r requirements.txt\n"
-    "    .venv-trl/bin/pip install --no-deps -e .\n"
-    "then run  .venv-trl/bin/python bench/vs_trl.py  (or pass --python .venv-trl/bin/python)."
+    "`make setup` installs it into the book's .venv (requirements-parity.txt): run .venv/bin/python bench/vs_trl.py."
 )
 
 
