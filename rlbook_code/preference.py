@@ -94,12 +94,16 @@ class PreferenceLoss:
 
     def metrics(self) -> dict[str, float]:
         """Python floats: ``loss``, ``reward/chosen``, ``reward/rejected``, ``reward/margin``
-        (difference of the means), and ``reward/accuracy`` (paired) or ``kto/kl`` (KTO)."""
+        (difference of the means), and ``reward/accuracy`` (paired) or ``kto/kl`` (KTO). A side
+        without completions (a KTO batch with no undesirable one, say) has no key: never NaN."""
         c, r = self.chosen_rewards.float(), self.rejected_rewards.float()
-        mc = float(c.mean()) if c.numel() else float("nan")
-        mr = float(r.mean()) if r.numel() else float("nan")
-        out = {"loss": float(self.loss.detach()), "reward/chosen": mc, "reward/rejected": mr,
-               "reward/margin": mc - mr}
+        out = {"loss": float(self.loss.detach())}
+        if c.numel():
+            out["reward/chosen"] = float(c.mean())
+        if r.numel():
+            out["reward/rejected"] = float(r.mean())
+        if c.numel() and r.numel():
+            out["reward/margin"] = out["reward/chosen"] - out["reward/rejected"]
         if self.paired:
             out["reward/accuracy"] = float(self.accuracy)
         if self.kl is not None:

@@ -165,6 +165,13 @@ def test_kto_closed_form_and_mean_over_all_completions():
         _ = out.accuracy
 
 
+def test_metrics_never_nan_when_one_side_is_empty():
+    logp = torch.tensor([-1.0, -2.0], dtype=D)
+    m = pref.kto_loss(logp, logp - 0.5, torch.tensor([True, True]), 0.0).metrics()
+    assert all(math.isfinite(v) for v in m.values()) and "reward/rejected" not in m and "reward/margin" not in m
+    assert "reward/chosen" in m
+
+
 def test_kto_reference_point_is_clamped_and_detached():
     a = torch.tensor([-1.0, -2.0], dtype=D, requires_grad=True)
     assert float(pref.kto_reference_point(a, a.detach() + 1.0)) == 0.0  # mean log-ratio -1 -> clamped to 0
