@@ -155,35 +155,47 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
     log_a, log_b = a2.log(), b2.log()  # -inf on zero weights
     pos_a, pos_b = a2 > 0, b2 > 0
 
+    some_a_zero, some_b_zero = not bool(pos_a.all()), not bool(pos_b.all())
+
     def f_update(g: torch.Tensor, C_: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
         z = (g[:, None, :] - C_) / eps + lb[:, None, :]  # (B, n, m)
+        if not some_a_zero:
+            return -eps * torch.logsumexp(z, dim=2)
         z = torch.where(pos_a[:, :, None], z, 0.0)  # rows without mass: any finite value
         return torch.where(pos_a, -eps * torch.logsumexp(z, dim=2), 0.0)
 
     def g_update(f: torch.Tensor, C_: torch.Tensor) -> torch.Tensor:
         z = (f[:, :, None] - C_) / eps + log_a[:, :, None]  # (B, n, m)
+        if not some_b_zero:
+            return -eps * torch.logsumexp(z, dim=1)
         z = torch.where(pos_b[:, None, :], z, 0.0)
         return torch.where(pos_b, -eps * torch.logsumexp(z, dim=1), 0.0)
 
+    infeasible = ValueError("no feasible transport plan: a point with positive weight can move "
+                            "nowhere (every entry of its cost row or column is +inf)")
     with torch.no_grad():
         Cd = C.detach()
-        f = torch.zeros(B, n, dtype=C.dtype, device=C.device)
         g = torch.zeros(B, m, dtype=C.dtype, device=C.device)
         if init is not None:
             f0, g0 = (t.detach().to(C.dtype).reshape(B, -1) for t in init)
             if f0.shape != (B, n) or g0.shape != (B, m) or not (torch.isfinite(f0).all() and torch.isfinite(g0).all()):
                 raise ValueError(f"init must be finite potentials (f, g) of shapes {(B, n)} and {(B, m)}")
             g = torch.where(pos_b, g0, 0.0)
+        f = f_update(g, Cd, log_b)
         for it in range(1, max_iters + 1):
-            f = f_update(g, Cd, log_b)
-            g = g_update(f, Cd)
-            if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
-                raise ValueError("no feasible transport plan: a point with positive weight can move "
-                                 "nowhere (every entry of its cost row or column is +inf)")
-            log_p = (f[:, :, None] + g[:, None, :] - Cd) / eps + log_a[:, :, None] + log_b[:, None, :]
-            err = (log_p.exp().sum(2) - a2).abs().sum(1)  # (B,)
-            if float(err.max()) <= tol:
+            g = g_update(f, Cd)  # columns exact
+            f_next = f_update(g, Cd, log_b)
+            # rows of the plan (f, g) sum to a_i exp((f_i - f_next_i) / eps): their L1 error
+            err = (a2 * torch.expm1((f - f_next) / eps)).abs().sum(1)  # (B,)
+            worst = float(err.max())
+            if not math.isfinite(worst):
+                raise infeasible
+            if worst <= tol or it == max_iters:
                 break
+            f = f_next
+        if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
+            raise infeasible
+        log_p = (f[:, :, None] + g[:, None, :] - Cd) / eps + log_a[:, :, None] + log_b[:, None, :]
         plan = log_p.exp()  # (B, n, m)
     # One differentiable half-step from the converged g: exact gradients at convergence.
     f_grad = f_update(g, C, b2.log())

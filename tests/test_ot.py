@@ -171,10 +171,10 @@ def _clouds(seed=0, B=None, n=4, m=6, d=3):
 @pytest.mark.parametrize("cost", ot.COSTS)
 def test_divergence_symmetric_and_zero_on_itself(cost):
     x, y = _clouds(B=3)
-    s_xy = ot.sinkhorn_divergence(x, y, eps=0.2, cost=cost)
-    s_yx = ot.sinkhorn_divergence(y, x, eps=0.2, cost=cost)
+    s_xy = ot.sinkhorn_divergence(x, y, eps=1.0, cost=cost)
+    s_yx = ot.sinkhorn_divergence(y, x, eps=1.0, cost=cost)
     assert torch.allclose(s_xy, s_yx, atol=1e-9)
-    assert (ot.sinkhorn_divergence(x, x, eps=0.2, cost=cost) == 0).all()
+    assert (ot.sinkhorn_divergence(x, x, eps=1.0, cost=cost) == 0).all()
     assert (s_xy > 0).all()
 
 

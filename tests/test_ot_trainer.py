@@ -47,7 +47,7 @@ def test_bad_ot_values_fail_before_any_model_loads(monkeypatch, changes, pattern
 def test_penalty_pieces(tiny_model, tmp_path):
     """The output head on the returned hidden states gives the scored log-probs; the reference
     completion is the reference's greedy completion; the penalty equals embedding_ot."""
-    from rlbook_code.ot_regularizer import ot_penalty, reference_completions
+    from rlbook_code.ot_regularizer import OT_MAX_ITERS, OT_TOL, ot_penalty, reference_completions
 
     cfg = small(tiny_model, tmp_path / "run", temperature=0.7)
     state = T.build_state(cfg, tmp_path / "run")
@@ -69,7 +69,8 @@ def test_penalty_pieces(tiny_model, tmp_path):
     penalty, sampled = ot_penalty(state, batch, out.hidden)
     E = state.ref.get_input_embeddings().weight.detach()
     soft = ot.expected_embeddings(logits, E, 0.7)
-    want = ot.embedding_ot(soft, E[ids], mask, ref_mask, eps=cfg.ot_eps, window=cfg.ot_window, cost=cfg.ot_cost)
+    want = ot.embedding_ot(soft, E[ids], mask, ref_mask, eps=cfg.ot_eps, window=cfg.ot_window, cost=cfg.ot_cost,
+                            tol=OT_TOL, max_iters=OT_MAX_ITERS)
     assert torch.allclose(penalty, want, atol=1e-6)
     assert sampled.shape == (len(batch),) and torch.isfinite(sampled).all()
     (grad,) = torch.autograd.grad(penalty.sum(), out.hidden)
