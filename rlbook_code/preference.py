@@ -196,7 +196,8 @@ def dpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, ref_chosen_
     ``eps = 0`` is DPO: the negative Bradley–Terry log-likelihood of the label "chosen wins"
     under the implicit reward ``beta * log(pi/pi_ref)``. ``eps > 0`` is cDPO: the label is
     trusted only with probability ``1 - eps`` (it is the expected DPO loss of a label flipped
-    with probability ``eps``, TRL's ``label_smoothing``).
+    with probability ``eps``; TRL 1.16's ``sigmoid`` loss has no such term, and its ``robust``
+    loss is a different estimator: ``tests/test_parity_trl_alignment.py`` pins both).
 
     Fixed points, in ``h`` for one pair type: labels drawn with ``P(chosen wins) = p`` give
     ``sigma(beta * h*) = p``, i.e. ``beta * h* = logit(p)`` (with ``p = sigma(r_w - r_l)`` the
@@ -255,8 +256,9 @@ def simpo_loss(chosen_avg_logp: torch.Tensor, rejected_avg_logp: torch.Tensor, *
     terms), and ``gamma >= 0`` is a target margin. Rewards reported: ``beta * avg``.
 
     Fixed points: with ``gamma = 0`` and labels ``P(chosen wins) = sigma(r_w - r_l)`` for both
-    orders, ``beta * avg = r + const``, i.e. ``pi(y) ∝ exp(|y| r(y) / beta)``: DPO's optimum
-    with the reference replaced by the uniform distribution and ``beta`` by ``beta/|y|``.
+    orders, ``beta * avg = r + const``, i.e., for completions of one length ``|y|``,
+    ``pi(y) ∝ exp(|y| r(y) / beta)``: DPO's optimum with the reference replaced by the uniform
+    distribution and ``beta`` by ``beta/|y|``.
     Deterministic labels (and any ``gamma``): no finite fixed point; the rejected
     completions' probability is driven to 0, as with DPO.
 
