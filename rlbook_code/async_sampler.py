@@ -357,7 +357,8 @@ def policy_loss(cfg, logp: torch.Tensor, prox_logp: torch.Tensor, behav_logp: to
     """The per-token policy loss ``(b, T)`` of an off-policy run, and its metrics.
 
     ``logp``: the learner now (differentiable); ``prox_logp``: the learner when the batch
-    arrived (the old pass); ``behav_logp``: the sampler's recorded log-probs. By correction:
+    arrived (the old pass; with one update per batch, this pass's own log-probs, detached);
+    ``behav_logp``: the sampler's recorded log-probs. By correction:
 
     * ``none``: the configured loss against ``prox_logp``, as if the batch were on-policy;
     * ``clip``: the configured loss against ``behav_logp`` (its ratio is pi_theta/mu: the

@@ -242,12 +242,10 @@ def needs_old_pass(cfg: TrainConfig) -> bool:
     With one update per rollout batch (``num_epochs == num_minibatches == 1``) the policy
     being differentiated *is* the policy that sampled, so ``pi_old`` equals ``pi`` and the old
     log-probs are the new ones, detached (the ratio is exactly 1; TRL skips the pass the same
-    way). The pass is still run when a value head or a reference model needs its outputs, and
-    in off-policy runs (chapter 11), where it gives the proximal log-probs."""
-    from rlbook_code.async_sampler import offpolicy_active
-
-    return cfg.num_epochs * cfg.num_minibatches > 1 or cfg.advantage == "gae" or cfg.beta > 0 \
-        or offpolicy_active(cfg)
+    way). The pass is still run when a value head or a reference model needs its outputs.
+    Off-policy runs (chapter 11) need no more: their proximal policy is the learner when the
+    batch arrives, i.e. these same log-probs; the behaviour log-probs are the sampler's."""
+    return cfg.num_epochs * cfg.num_minibatches > 1 or cfg.advantage == "gae" or cfg.beta > 0
 
 
 @torch.no_grad()
