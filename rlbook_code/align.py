@@ -544,7 +544,7 @@ def units_loss(state: AlignState, data: AlignData, units: torch.Tensor, kl_ref: 
     else:
         rows_t = units[:, 0]
         logp = sequence_logp(cfg, policy, data.batch.select(rows_t.tolist()))
-        d = data.desirable[rows_t]
+        d = data.desirable[rows_t].to(logp.device)
         if cfg.loss == "kto":
             out = preference.kto_loss(logp, data.ref_logp[rows_t], d, kl_ref, beta=cfg.beta,
                                       w_desirable=cfg.kto_w_desirable, w_undesirable=cfg.kto_w_undesirable)
@@ -552,7 +552,7 @@ def units_loss(state: AlignState, data: AlignData, units: torch.Tensor, kl_ref: 
             losses = -logp
             out = preference.PreferenceLoss(loss=losses.mean(), losses=losses, chosen_rewards=logp.detach(),
                                             rejected_rewards=logp.detach()[:0], paired=False)
-        chosen_rows, rejected_rows = rows_t[d], rows_t[~d]
+        chosen_rows, rejected_rows = rows_t[d.cpu()], rows_t[~d.cpu()]
         lc, lr_ = logp[d], logp[~d]
     m = out.metrics()
     if cfg.loss == "sft":
