@@ -282,3 +282,14 @@ def test_expected_embeddings():
     assert torch.allclose(out, ref, atol=1e-6)
     hard = ot.expected_embeddings(torch.full((1, 1, 7), -1e4).index_fill(2, torch.tensor([3]), 0.0), E)
     assert torch.allclose(hard[0, 0], E[3])
+
+
+def test_embedding_ot_gradient_matches_finite_differences_with_window_and_padding():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 3, 3, generator=g, dtype=torch.float64)
+    xm = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    ym = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(
+        lambda x_: ot.embedding_ot(x_, y, xm, ym, eps=0.5, window=1, tol=1e-12, max_iters=100000),
+        (x,), eps=1e-6, atol=1e-6)
