@@ -208,9 +208,9 @@ def test_divergence_gradient_matches_finite_differences():
 
 def test_divergence_batched_equals_per_item():
     x, y = _clouds(seed=3, B=4)
-    sb = ot.sinkhorn_divergence(x, y, eps=0.3, window=1)
+    sb = ot.sinkhorn_divergence(x, y, eps=1.0, window=1)
     for k in range(4):
-        assert torch.allclose(sb[k], ot.sinkhorn_divergence(x[k], y[k], eps=0.3, window=1), atol=1e-9)
+        assert torch.allclose(sb[k], ot.sinkhorn_divergence(x[k], y[k], eps=1.0, window=1), atol=1e-9)
 
 
 def test_window_mask_band_and_feasibility():
