@@ -38,6 +38,22 @@ def throughput(recs: list[dict]) -> float:
     return tokens / sum(r["rollout_s"] + r["update_s"] for r in steps)
 
 
+PROBE = ("import time, torch\ntorch.set_num_threads(1)\na = torch.randn(256, 256)\nt, n = time.perf_counter(), 0\n"
+         "while time.perf_counter() - t < 3:\n    a = torch.tanh(a @ a * 0.01)\n    n += 1\nprint(n)")
+
+
+def capacity() -> float:
+    """Work of two single-threaded processes at once over the work of one: 2.0 on two idle
+    cores, about 1.0 when other work holds the cores (then no two-process trainer can gain)."""
+    import subprocess
+
+    def work(k: int) -> int:
+        procs = [subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, text=True) for _ in range(k)]
+        return sum(int(p.communicate()[0]) for p in procs)
+
+    return work(2) / work(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlbook_code import sweep
 
@@ -57,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = parse_overrides(args.set)
     base = {"steps": args.steps, "eval_every": 0, "save_every": 0, "save_final_model": False, "tensorboard": False,
             **extra}
+    print(f"machine: two single-threaded processes do {capacity():.2f}x the work of one", flush=True)
     rows: dict[str, list[dict]] = {"sync": [], "async": []}
     t_all = time.perf_counter()
     for seed in args.seeds:
@@ -89,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [a["tps"] / s["tps"] for a, s in zip(rows["async"], rows["sync"])]
     print(f"async / sync tokens per second: {statistics.mean(ratios):.2f}x "
           f"(per seed {', '.join(f'{x:.2f}' for x in ratios)}); {args.steps} steps, {args.threads} thread(s) per "
-          f"process; all runs {time.perf_counter() - t_all:.0f} s")
+          f"process; all runs {time.perf_counter() - t_all:.0f} s; machine capacity now {capacity():.2f}x")
     return 0
 
 
