@@ -176,6 +176,15 @@ def test_sampler_dtype_mismatch_at_lag_zero(tiny_model, tmp_path, fake_reward):
     assert all(r["is_max_abs_log_ratio"] > 1e-4 for r in steps)  # bf16 logits differ from float32 ones
 
 
+def test_sampler_temperature_mismatch(tiny_model, tmp_path, fake_reward):
+    recs = T.read_metrics(T.train(small(tiny_model, tmp_path / "temp", sampler_temperature=2.0, steps=2,
+                                        is_correction="tis")))
+    steps = [r for r in recs if "grad_norm" in r]
+    assert all(r["policy_age"] == 0.0 for r in steps)
+    assert all(r["is_max_abs_log_ratio"] > 0.05 and r["is_ess"] < 1.0 for r in steps)  # mu = softmax(z / 2)
+    assert finite(recs)
+
+
 # ----------------------------------------------------------------------------- async
 @pytest.fixture
 def sampler_pids(monkeypatch):
