@@ -54,7 +54,7 @@ from rlbook_code import preference
 from rlbook_code.config import (DTYPES, ConfigError, config_from_dict, config_help, load_config, lr_lambda,
                                 parse_overrides, save_config)
 from rlbook_code.models import autocast
-from rlbook_code.rollout import RolloutBatch, concat_batches
+from rlbook_code.rollout import RolloutBatch, concat_batches, pad_token_id
 
 __all__ = ["AlignConfig", "AlignData", "AlignState", "ALIGN_ALGOS", "ALIGN_LOSSES", "build_state", "make_data",
            "align_step", "train", "main"]
@@ -304,10 +304,6 @@ class AlignData:
         return int(self.units.shape[0])
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
 def _mismatched(batch: RolloutBatch, shift: int) -> RolloutBatch:
     """Row ``i``'s completion under row ``(i + shift) % N``'s prompt (KTO's KL pairs). With
     ``shift`` a multiple of the group size, each group gets the next group's prompt, so the
@@ -385,7 +381,7 @@ def sample_completions(cfg: AlignConfig, model, tokenizer, task, items: list, se
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                   seed=seed + i, share_prompt=True)
                  for i in range(0, len(prompts), chunk)]
-    batch = concat_batches(parts, _pad_id(tokenizer))
+    batch = concat_batches(parts, pad_token_id(tokenizer))
     rep = [it for it in items for _ in range(cfg.group_size)]
     scores = torch.tensor(task.score(batch.texts, rep, mode=cfg.reward_mode), dtype=torch.float32)
     return batch, scores
@@ -672,7 +668,7 @@ def train(cfg: AlignConfig, resume: str | os.PathLike | None = None) -> Path:
     """Run (or resume) a direct-alignment run; returns the run folder."""
     from tqdm import tqdm
 
-    from rlbook_code.train import _eval_line, run_eval
+    from rlbook_code.evaluation import eval_line as _eval_line, run_eval
 
     cfg.validate()
     run_dir = ckpt.prepare_run_dir(default_run_dir(cfg) if resume is None else resume,

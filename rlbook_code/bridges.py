@@ -26,6 +26,7 @@ verl's own functions in ``tests/test_parity_*.py``):
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable
 
 from rlbook_code.config import TrainConfig, validate_config
@@ -208,7 +209,7 @@ def trl_reward_function(task, mode: str = "exact") -> Callable[..., list[float]]
     return reward
 
 
-def train_with_trl(cfg: TrainConfig, run_dir: str | None = None) -> "Path":
+def train_with_trl(cfg: TrainConfig, run_dir: str | None = None) -> Path:
     """The run of ``cfg`` through TRL's ``GRPOTrainer`` (TRL 1.16), in a run folder laid out like
     the book trainer's, so the same plotting reads both.
 
@@ -222,7 +223,6 @@ def train_with_trl(cfg: TrainConfig, run_dir: str | None = None) -> "Path":
     group-std epsilon (1e-4), its sampling RNG, and its batching of generation.
     """
     import time
-    from pathlib import Path
 
     import torch
     from datasets import Dataset

@@ -31,6 +31,7 @@ import torch
 
 __all__ = [
     "rng_state",
+    "seed_everything",
     "set_rng_state",
     "save_checkpoint",
     "load_checkpoint",
@@ -40,6 +41,8 @@ __all__ = [
     "tensorboard_writer",
     "prepare_run_dir",
     "save_final",
+    "save_train_state",
+    "load_train_state",
 ]
 
 
@@ -50,6 +53,13 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's, Python's and NumPy's global generators (a run's start)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def set_rng_state(st: dict[str, Any]) -> None:
@@ -188,3 +198,29 @@ def save_final(path: str | os.PathLike, policy, tokenizer, value_head: torch.nn.
     if value_head is not None:
         torch.save(value_head.state_dict(), path / "value_head.pt")
     return path
+
+
+def save_train_state(state) -> Path:
+    """``save_checkpoint`` of a trainer's loop state (``train.TrainState`` or any object with its
+    fields: ``run_dir``, ``step``, ``policy``, ``optimizer``, ``scheduler``, ``value_head``,
+    ``items_drawn``, ``cfg`` and an optional ``sampler`` whose ``state_dict()`` goes in ``extra``)."""
+    sampler = getattr(state, "sampler", None)
+    return save_checkpoint(state.run_dir, step=state.step, policy=state.policy, optimizer=state.optimizer,
+                           scheduler=state.scheduler, value_head=state.value_head, items_drawn=state.items_drawn,
+                           config=state.cfg, extra=sampler.state_dict() if sampler is not None else None)
+
+
+def load_train_state(state, ckpt_dir: str | os.PathLike) -> None:
+    """Restore a loop state saved by :func:`save_train_state`: weights and optimizer, the sampler's
+    own state, then the task's item stream (replayed by drawing as many items as before; an
+    asynchronous sampler regenerates its own), then the generators, so the run continues bit for bit."""
+    blob = load_checkpoint(ckpt_dir, policy=state.policy, optimizer=state.optimizer, scheduler=state.scheduler,
+                           value_head=state.value_head, map_location=state.cfg.device)
+    state.items_drawn = blob["items_drawn"]
+    sampler = getattr(state, "sampler", None)
+    if sampler is not None:
+        sampler.load_state_dict(blob["extra"])
+    if state.items_drawn and not (sampler is not None and sampler.is_async):
+        state.task.sample(state.items_drawn)
+    set_rng_state(blob["rng"])
+    state.step = blob["step"]

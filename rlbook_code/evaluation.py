@@ -9,7 +9,7 @@ import torch
 from rlbook_code.rewards import TaskMixture
 from rlbook_code.rollout import eos_token_ids, generate
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "run_eval", "eval_line"]
 
 
 def evaluate(
@@ -74,3 +74,28 @@ def evaluate(
         "n": float(n),
     }
 
+
+def run_eval(state) -> dict[str, float]:
+    """Greedy (and, with ``cfg.eval_sampled``, sampled) accuracy and length on a trainer's fixed
+    held-out set: ``state`` has ``policy``, ``tokenizer``, ``task``, ``eval_items`` and ``cfg``
+    (``train.TrainState``, ``align``'s state). Returns ``{"eval/greedy_accuracy", ...}``."""
+    from rlbook_code.models import autocast
+
+    cfg = state.cfg
+    state.policy.eval()
+    out = {}
+    modes = [("greedy", True)] + ([("sampled", False)] if cfg.eval_sampled else [])
+    for name, greedy in modes:
+        with autocast(cfg.device, cfg.autocast_bf16):
+            r = evaluate(state.policy, state.tokenizer, state.task, state.eval_items,
+                         max_new_tokens=cfg.max_new_tokens, greedy=greedy, temperature=cfg.temperature,
+                         batch_size=cfg.eval_batch_size, seed=cfg.eval_seed)
+        out[f"eval/{name}_accuracy"] = float(r["accuracy"])
+        out[f"eval/{name}_length"] = float(r["mean_length"])
+    return out
+
+
+def eval_line(step: int, rec: dict[str, float]) -> str:
+    """``eval @ step 25: greedy 0.703, sampled 0.602``: the accuracies of a metrics record."""
+    parts = [f"{k.split('/')[1]} {v:.3f}" for k, v in rec.items() if k.startswith("eval/") and k.endswith("accuracy")]
+    return f"eval @ step {step}: " + ", ".join(parts)

@@ -37,6 +37,7 @@ __all__ = [
     "position_ids_from_mask",
     "shared_prompt_cache",
     "concat_batches",
+    "pad_token_id",
 ]
 
 try:  # the package's own implementation (chapter 02)
@@ -455,3 +456,7 @@ def concat_batches(batches: list, pad_token_id: int):
             out[f.name] = v0
     return type(first)(**out)
 
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, or 0 where it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -18,10 +18,8 @@ that computes it::
             clip grad norm, AdamW step
     metrics, evaluation, checkpoint              (evaluation.evaluate, checkpoint.*)
 
-Every algorithm (REINFORCE, RLOO, PPO, GRPO, Dr. GRPO, DAPO, GSPO, CISPO) is one
-:class:`~rlbook_code.config.TrainConfig` (module ``config``, re-exported here); the YAML
-files in ``configs/`` are those configs, each with the paper it follows. Grids of runs are
-``python -m rlbook_code.sweep``.
+Every algorithm is one :class:`~rlbook_code.config.TrainConfig` (module ``config``, re-exported
+here; ``configs/*.yaml``); grids of runs are ``python -m rlbook_code.sweep``.
 
 Command line::
 
@@ -40,7 +38,6 @@ import argparse
 import copy
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -55,10 +52,14 @@ from rlbook_code import distributed
 from rlbook_code.config import (  # noqa: F401  (re-exported: ``train.load_config`` etc.)
     ALGORITHMS, DTYPES, ConfigError, TrainConfig, apply_overrides, config_from_dict, config_help,
     default_run_dir, field_docs, load_config, lr_lambda, parse_overrides, save_config, validate_config)
+from rlbook_code.checkpoint import load_train_state as load_checkpoint  # noqa: F401  (re-exported)
 from rlbook_code.checkpoint import read_metrics  # noqa: F401  (re-exported)
+from rlbook_code.checkpoint import save_train_state as save_checkpoint
+from rlbook_code.evaluation import eval_line as _eval_line
+from rlbook_code.evaluation import run_eval
 from rlbook_code.models import autocast
 from rlbook_code.rewards import overlong_penalty
-from rlbook_code.rollout import concat_batches
+from rlbook_code.rollout import concat_batches, pad_token_id
 from rlbook_code.value_head import value_loss
 
 __all__ = ["TrainConfig", "ConfigError", "NonFiniteError", "load_config", "apply_overrides", "validate_config",
@@ -103,16 +104,14 @@ def build_state(cfg: TrainConfig, run_dir: Path | None = None) -> TrainState:
     optimizer, the task and the fixed evaluation set."""
     from rlbook_code import models, rewards
     from rlbook_code.async_sampler import make_sampler
-    from rlbook_code.value_head import ValueHead
+    from rlbook_code.reward_models import make_learned_reward
+    from rlbook_code.value_head import seeded_value_head
 
     validate_config(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    dtype = DTYPES[cfg.dtype]
-    policy, tokenizer = models.load_policy(cfg.model_name, device=cfg.device, dtype=dtype)
+    ckpt.seed_everything(cfg.seed)
+    policy, tokenizer = models.load_policy(cfg.model_name, device=cfg.device, dtype=DTYPES[cfg.dtype])
     if cfg.lora_rank:  # chapter 15: only the adapters train
         from rlbook_code import lora
 
@@ -128,11 +127,7 @@ def build_state(cfg: TrainConfig, run_dir: Path | None = None) -> TrainState:
     value_head = None
     params = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr}]
     if cfg.advantage == "gae":
-        g = torch.Generator().manual_seed(_seed_for(cfg, 0, salt=7))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-            value_head = ValueHead(policy.config.hidden_size, cfg.value_hidden)
-        value_head.to(cfg.device)
+        value_head = seeded_value_head(policy.config.hidden_size, cfg.value_hidden, _seed_for(cfg, 0, salt=7), cfg.device)
         params.append({"params": list(value_head.parameters()), "lr": cfg.value_lr or cfg.lr})
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                   weight_decay=cfg.weight_decay)
@@ -143,8 +138,6 @@ def build_state(cfg: TrainConfig, run_dir: Path | None = None) -> TrainState:
     state = TrainState(cfg=cfg, run_dir=Path(run_dir or default_run_dir(cfg)), policy=policy,
                       tokenizer=tokenizer, ref=ref, value_head=value_head, optimizer=optimizer,
                       scheduler=scheduler, task=task, eval_items=eval_items, sampler=make_sampler(cfg, policy))
-    from rlbook_code.reward_models import make_learned_reward
-
     state.reward_fn = make_learned_reward(cfg, policy, ref)  # None: the verifier alone
     return state
 
@@ -152,10 +145,6 @@ def build_state(cfg: TrainConfig, run_dir: Path | None = None) -> TrainState:
 # ----------------------------------------------------------------------------------------
 # Rollouts
 # ----------------------------------------------------------------------------------------
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
 def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Tensor, dict[str, float]]:
     """Sample prompts, generate ``G`` completions each and score them.
 
@@ -191,7 +180,7 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
                                       share_prompt=cfg.share_prompt)
                      for i in distributed.chunk_starts(len(prompts), chunk)]
         parts = [p for rank_parts in distributed.gather_objects(parts) for p in rank_parts]
-        batch = concat_batches(parts, _pad_id(state.tokenizer))
+        batch = concat_batches(parts, pad_token_id(state.tokenizer))
         rep_items = [it for it in items for _ in range(G)]
         scores = torch.tensor(state.task.score(batch.texts, rep_items, mode=cfg.reward_mode),
                               dtype=torch.float32)
@@ -217,7 +206,7 @@ def collect_rollouts(state: TrainState, step: int) -> tuple[Any, list, torch.Ten
             break
     stats = {"zero_var_frac": n_zero_var / n_groups, "sampling_rounds": float(round_ + 1), **sampler_stats, **reward_stats}
     if cfg.dynamic_sampling and kept:
-        batch = concat_batches(kept, _pad_id(state.tokenizer))
+        batch = concat_batches(kept, pad_token_id(state.tokenizer))
         stats["kept_groups"] = float(n_kept)
         return batch, kept_items, torch.cat(kept_scores), stats
     batch, rep_items, scores = last
@@ -237,14 +226,11 @@ def _micro_slices(n: int, size: int | None) -> list[slice]:
 
 
 def needs_old_pass(cfg: TrainConfig) -> bool:
-    """Whether a step needs the separate no-grad pass for the old log-probs.
-
-    With one update per rollout batch (``num_epochs == num_minibatches == 1``) the policy
-    being differentiated *is* the policy that sampled, so ``pi_old`` equals ``pi`` and the old
-    log-probs are the new ones, detached (the ratio is exactly 1; TRL skips the pass the same
-    way). The pass is still run when a value head or a reference model needs its outputs.
-    Off-policy runs (chapter 11) need no more: their proximal policy is the learner when the
-    batch arrives, i.e. these same log-probs; the behaviour log-probs are the sampler's."""
+    """Whether a step needs the separate no-grad pass for the old log-probs. With one update per
+    rollout batch the policy differentiated *is* the policy that sampled, so the old log-probs are
+    the update pass's own, detached (ratio exactly 1; TRL does the same); a value head or a
+    reference model still need the pass. Off-policy runs (chapter 11) need no more: their proximal
+    policy is these same log-probs, and the behaviour log-probs are the sampler's."""
     return cfg.num_epochs * cfg.num_minibatches > 1 or cfg.advantage == "gae" or cfg.beta > 0
 
 
@@ -408,54 +394,9 @@ def micro_batch_loss(state: TrainState, mb, old_logp: torch.Tensor | None, adv: 
     return loss, metrics
 
 
-
 # ----------------------------------------------------------------------------------------
-# Checkpoints (module ``checkpoint``)
+# One step, the loop (evaluation: module ``evaluation``; checkpoints: module ``checkpoint``)
 # ----------------------------------------------------------------------------------------
-def save_checkpoint(state: TrainState) -> Path:
-    """Write ``<run_dir>/checkpoint`` for the loop's state (:func:`checkpoint.save_checkpoint`)."""
-    return ckpt.save_checkpoint(state.run_dir, step=state.step, policy=state.policy, optimizer=state.optimizer,
-                                scheduler=state.scheduler, value_head=state.value_head,
-                                items_drawn=state.items_drawn, config=state.cfg,
-                                extra=state.sampler.state_dict() if state.sampler is not None else None)
-
-
-def load_checkpoint(state: TrainState, ckpt_dir: Path) -> None:
-    """Restore the loop's state: weights and optimizer, then the task's item stream (replayed by
-    drawing as many items as before), then the generators, so the run continues bit for bit."""
-    blob = ckpt.load_checkpoint(ckpt_dir, policy=state.policy, optimizer=state.optimizer,
-                                scheduler=state.scheduler, value_head=state.value_head,
-                                map_location=state.cfg.device)
-    state.items_drawn = blob["items_drawn"]
-    if state.sampler is not None:
-        state.sampler.load_state_dict(blob["extra"])
-    if state.items_drawn and not (state.sampler is not None and state.sampler.is_async):
-        state.task.sample(state.items_drawn)
-    ckpt.set_rng_state(blob["rng"])
-    state.step = blob["step"]
-
-
-# ----------------------------------------------------------------------------------------
-# Evaluation, one step, the loop
-# ----------------------------------------------------------------------------------------
-def run_eval(state: TrainState) -> dict[str, float]:
-    """Greedy (and sampled) accuracy on the fixed held-out set."""
-    from rlbook_code.evaluation import evaluate
-
-    cfg = state.cfg
-    state.policy.eval()
-    out = {}
-    modes = [("greedy", True)] + ([("sampled", False)] if cfg.eval_sampled else [])
-    for name, greedy in modes:
-        with autocast(cfg.device, cfg.autocast_bf16):
-            r = evaluate(state.policy, state.tokenizer, state.task, state.eval_items,
-                         max_new_tokens=cfg.max_new_tokens, greedy=greedy, temperature=cfg.temperature,
-                         batch_size=cfg.eval_batch_size, seed=cfg.eval_seed)
-        out[f"eval/{name}_accuracy"] = float(r["accuracy"])
-        out[f"eval/{name}_length"] = float(r["mean_length"])
-    return out
-
-
 def _check_finite(state: TrainState, step: int, name: str, value: float) -> None:
     if not math.isfinite(value):
         path = save_checkpoint(state) if distributed.is_main() else state.run_dir / "checkpoint"
@@ -651,19 +592,12 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
     return run_dir
 
 
-def _eval_line(step: int, rec: dict[str, float]) -> str:
-    parts = [f"{k.split('/')[1]} {v:.3f}" for k, v in rec.items() if k.startswith("eval/") and k.endswith("accuracy")]
-    return f"eval @ step {step}: " + ", ".join(parts)
-
-
 # ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """The command line. A user error (bad config, unknown key, a model that cannot be loaded,
-    an existing run folder, a ``--resume`` folder without checkpoint) prints one line and
-    returns 2; a run that fails otherwise prints its traceback and returns 1; a non-finite
-    loss or gradient returns 3 (the checkpoint of that step is saved)."""
+    """The command line: 2 and one line for a user error (config, model, run folder, resume
+    folder), 1 and the traceback for a failed run, 3 for a non-finite loss (checkpoint saved)."""
     from rlbook_code.models import ModelLoadError
 
     parser = argparse.ArgumentParser(
@@ -696,9 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped: {e}", file=sys.stderr)
         return 3
     except Exception as e:  # a failed run: the traceback is what a user needs to report it
-        import traceback
-
-        traceback.print_exc()
+        __import__("traceback").print_exc()
         print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ValueHead", "value_loss"]
+__all__ = ["ValueHead", "seeded_value_head", "value_loss"]
 
 
 class ValueHead(nn.Module):
@@ -44,6 +44,16 @@ class ValueHead(nn.Module):
         if hidden.dim() != 3 or hidden.shape[-1] != self.fc.in_features:
             raise ValueError(f"hidden must have shape (B, T, {self.fc.in_features}), got {tuple(hidden.shape)}")
         return self.out(torch.tanh(self.fc(hidden.float()))).squeeze(-1)  # (B, T)
+
+
+def seeded_value_head(hidden_size: int, width: int, seed: int, device: str | torch.device = "cpu") -> ValueHead:
+    """A :class:`ValueHead` whose initial weights depend on ``seed`` alone: drawn under a forked
+    generator, so creating it neither reads nor advances the global torch RNG of the run."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        head = ValueHead(hidden_size, width)
+    return head.to(device)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
