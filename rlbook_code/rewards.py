@@ -32,6 +32,7 @@ import torch
 
 __all__ = [
     "DEFAULT_TASK",
+    "LONG_ANSWER_TASK",
     "TaskMixture",
     "extract_answer",
     "format_ok",
@@ -43,6 +44,14 @@ DEFAULT_TASK: list[dict[str, Any]] = [
     {"name": "spell_backward", "weight": 1.0, "config": {"min_word_len": 3, "max_word_len": 5}},
 ]
 """The task the shipped model was trained on: reverse a 3-5 letter word."""
+
+LONG_ANSWER_TASK: list[dict[str, Any]] = [
+    {"name": "countdown", "weight": 1.0, "config": {"min_numbers": 3, "max_numbers": 4}},
+    {"name": "gsm_symbolic", "weight": 1.0, "config": {}},
+]
+"""Chapter 15: a mixture with longer answers, as in the GRPO-mini seed (Countdown and GSM8K):
+an arithmetic expression that reaches a target, and a worded grade-school problem. For chat
+models, with ``answer_format="tags"``."""
 
 ANSWER_TAG_INSTRUCTION = "\nGive your final answer inside <answer></answer> tags."
 """Appended to every prompt when ``answer_format="tags"`` (useful for chat models)."""

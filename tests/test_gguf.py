@@ -178,3 +178,32 @@ def test_smollm2_greedy_answer_is_deterministic(smollm2):
     assert a.texts == b.texts
     assert a.texts[0] == "2 + 3 = 5"  # its greedy answer, pinned
     assert "Paris" in a.texts[1]
+
+
+def test_long_answer_mixture_on_smollm2s_own_completions(smollm2):
+    """rewards.LONG_ANSWER_TASK (countdown + gsm_symbolic): the verifier scores SmolLM2's real,
+    long completions without raising, and the answer extracted is the last <answer> tag's
+    content when there is one, else the last line."""
+    import re
+
+    from rlbook_code import rewards, rollout
+
+    model, tok = smollm2
+    mix = rewards.TaskMixture(rewards.LONG_ANSWER_TASK, seed=0, answer_format="tags")
+    items = mix.eval_items(4, seed=1234)
+    assert {it["metadata"]["source_dataset"] for it in items} == {"countdown", "gsm_symbolic"}
+    out = rollout.generate(model, tok, [mix.prompt(it) for it in items], group_size=1, max_new_tokens=96,
+                           temperature=0.0)
+    scores = mix.score(out.texts, items)
+    assert all(s in (0.0, 1.0) for s in scores)
+    for text in out.texts:
+        tags = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        expected = tags[-1].strip() if tags else (lines[-1] if lines else "")
+        if not tags and "\\boxed{" in text:
+            continue  # boxed answers: covered in tests/test_rewards.py
+        assert rewards.extract_answer(text) == expected
+    # a completion written the way SmolLM2 writes them, with the right answer, scores 1
+    gold = items[0]["answer"]
+    text = f"Let me work it out step by step.\nThe answer is:\n<answer>{gold}</answer>"
+    assert mix.score([text], [items[0]]) == [1.0]
