@@ -35,7 +35,6 @@ with the same seeds (not stored), then the checkpoint is loaded and the item str
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
@@ -51,8 +50,8 @@ import torch
 
 from rlbook_code import checkpoint as ckpt
 from rlbook_code import preference
-from rlbook_code.config import (DTYPES, ConfigError, config_from_dict, config_help, load_config, lr_lambda,
-                                parse_overrides, save_config)
+from rlbook_code.config import (DTYPES, ConfigError, lr_lambda, run_cli,
+                                save_config)
 from rlbook_code.models import autocast
 from rlbook_code.rollout import RolloutBatch, concat_batches, pad_token_id
 
@@ -732,46 +731,10 @@ def train(cfg: AlignConfig, resume: str | os.PathLike | None = None) -> Path:
 # Command line
 # ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """The command line (the policy trainer's exit codes: 0, 1 failed, 2 user error, 3 non-finite)."""
-    from rlbook_code.models import ModelLoadError
-
-    parser = argparse.ArgumentParser(
-        prog="python -m rlbook_code.align",
-        description="Direct alignment (DPO, cDPO, IPO, SimPO, ORPO, KTO, rejection sampling; offline or online).",
-        epilog=config_help(AlignConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (configs/align/*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (value parsed as YAML); repeatable")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
-    args = parser.parse_args(argv)
-    try:
-        if args.resume:
-            saved = Path(args.resume) / "checkpoint" / "config.yaml"
-            if not saved.exists():
-                raise FileNotFoundError(f"--resume {args.resume}: no checkpoint/config.yaml in that folder")
-            cfg = load_config(saved, args.overrides, cls=AlignConfig)
-        elif args.config:
-            if not Path(args.config).exists():
-                raise FileNotFoundError(f"--config {args.config}: no such file")
-            cfg = load_config(args.config, args.overrides, cls=AlignConfig)
-        else:
-            cfg = config_from_dict(parse_overrides(args.overrides), cls=AlignConfig)
-        run_dir = train(cfg, resume=args.resume)
-    except (ConfigError, ModelLoadError, FileExistsError, FileNotFoundError) as e:
-        kind = {ConfigError: "config error", ModelLoadError: "model error"}.get(type(e), "error")
-        print(f"{kind}: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 3
-    except Exception as e:  # a failed run: the traceback is what a user needs to report it
-        import traceback
-
-        traceback.print_exc()
-        print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    print(f"run folder: {run_dir}")
-    return 0
+    """The command line (the policy trainer's, ``config.run_cli``: 0, 1 failed, 2 user error, 3 non-finite)."""
+    return run_cli(argv, prog="python -m rlbook_code.align",
+                   description="Direct alignment (DPO, cDPO, IPO, SimPO, ORPO, KTO, rejection sampling; offline or online).",
+                   cls=AlignConfig, train_fn=train, config_hint="configs/align/*.yaml", stop_errors=(NonFiniteError,))
 
 
 if __name__ == "__main__":

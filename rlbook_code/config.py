@@ -41,6 +41,7 @@ __all__ = [
     "validate_config",
     "save_config",
     "config_help",
+    "run_cli",
     "lr_lambda",
     "default_run_dir",
     "ALGORITHMS",
@@ -605,3 +606,54 @@ def lr_lambda(cfg: TrainConfig):
 def default_run_dir(cfg: TrainConfig) -> Path:
     """``cfg.run_dir``, or ``runs/<algo>-seed<seed>`` when it is None."""
     return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"{cfg.algo}-seed{cfg.seed}"
+
+
+def run_cli(argv: list[str] | None, *, prog: str, description: str, cls: type, train_fn, config_hint: str,
+            stop_errors: tuple = ()) -> int:
+    """The command line every trainer of the book shares (``rlbook_code.train``, ``align``,
+    ``reward_models``): ``--config FILE``, ``--set KEY=VALUE`` (repeatable), ``--resume RUN_DIR``,
+    and ``--help`` listing every field of ``cls``. Runs ``train_fn(cfg, resume=...)``.
+
+    Exit codes: 0 done (rank 0 prints the run folder); 2 and one line for a user error (a config
+    error, a model that cannot be loaded, a run folder that exists, a missing config file or
+    resume folder); 3 for an exception of ``stop_errors`` (the trainers' non-finite stop);
+    1 and the traceback for any other failure."""
+    import argparse
+    import sys
+
+    from rlbook_code.models import ModelLoadError
+
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=config_help(cls),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"YAML config ({config_hint})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (value parsed as YAML); repeatable")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        if args.resume:
+            saved = Path(args.resume) / "checkpoint" / "config.yaml"
+            if not saved.exists():
+                raise FileNotFoundError(f"--resume {args.resume}: no checkpoint/config.yaml in that folder")
+            cfg = load_config(saved, args.overrides, cls=cls)
+        elif args.config:
+            if not Path(args.config).exists():
+                raise FileNotFoundError(f"--config {args.config}: no such file")
+            cfg = load_config(args.config, args.overrides, cls=cls)
+        else:
+            cfg = config_from_dict(parse_overrides(args.overrides), cls=cls)
+        run_dir = train_fn(cfg, resume=args.resume)
+    except (ConfigError, ModelLoadError, FileExistsError, FileNotFoundError) as e:
+        kind = {ConfigError: "config error", ModelLoadError: "model error"}.get(type(e), "error")
+        print(f"{kind}: {e}", file=sys.stderr)
+        return 2
+    except stop_errors as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:  # a failed run: the traceback is what a user needs to report it
+        __import__("traceback").print_exc()
+        print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
+        print(f"run folder: {run_dir}")
+    return 0

@@ -31,7 +31,6 @@ and ``checkpoint/``. The policy trainer optimises such a model with ``reward: re
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -1075,43 +1074,11 @@ def make_learned_reward(cfg, policy, ref=None) -> LearnedReward | None:
 # Command line
 # ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """Train a reward model. A bad config prints one line and returns 2; a failed run returns 1."""
-    from rlbook_code.config import ConfigError, config_from_dict, config_help, load_config, parse_overrides
-    from rlbook_code.models import ModelLoadError
+    """Train a reward model (``config.run_cli``): a bad config prints one line and returns 2; a failed run returns 1."""
+    from rlbook_code.config import run_cli
 
-    parser = argparse.ArgumentParser(
-        prog="python -m rlbook_code.reward_models", description="Train a reward model (chapter 13).",
-        epilog=config_help(RMConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (configs/rm/*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (value parsed as YAML); repeatable")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
-    args = parser.parse_args(argv)
-    try:
-        if args.resume:
-            saved = Path(args.resume) / "checkpoint" / "config.yaml"
-            if not saved.exists():
-                raise FileNotFoundError(f"--resume {args.resume}: no checkpoint/config.yaml in that folder")
-            cfg = load_config(saved, args.overrides, cls=RMConfig)
-        elif args.config:
-            if not Path(args.config).exists():
-                raise FileNotFoundError(f"--config {args.config}: no such file")
-            cfg = load_config(args.config, args.overrides, cls=RMConfig)
-        else:
-            cfg = config_from_dict(parse_overrides(args.overrides), cls=RMConfig)
-        run_dir = train_reward_model(cfg, resume=args.resume)
-    except (ConfigError, ModelLoadError, FileExistsError, FileNotFoundError) as e:
-        kind = {ConfigError: "config error", ModelLoadError: "model error"}.get(type(e), "error")
-        print(f"{kind}: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a failed run: the traceback is what a user needs to report it
-        import traceback
-
-        traceback.print_exc()
-        print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    print(f"run folder: {run_dir}")
-    return 0
+    return run_cli(argv, prog="python -m rlbook_code.reward_models", description="Train a reward model (chapter 13).",
+                   cls=RMConfig, train_fn=train_reward_model, config_hint="configs/rm/*.yaml")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ a model that cannot be loaded, a run folder that exists), 3 a non-finite loss or
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
@@ -51,7 +50,7 @@ from rlbook_code import checkpoint as ckpt
 from rlbook_code import distributed
 from rlbook_code.config import (  # noqa: F401  (re-exported: ``train.load_config`` etc.)
     ALGORITHMS, DTYPES, ConfigError, TrainConfig, apply_overrides, config_from_dict, config_help,
-    default_run_dir, field_docs, load_config, lr_lambda, parse_overrides, save_config, validate_config)
+    default_run_dir, field_docs, load_config, lr_lambda, parse_overrides, run_cli, save_config, validate_config)
 from rlbook_code.checkpoint import load_train_state as load_checkpoint  # noqa: F401  (re-exported)
 from rlbook_code.checkpoint import read_metrics  # noqa: F401  (re-exported)
 from rlbook_code.checkpoint import save_train_state as save_checkpoint
@@ -596,46 +595,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
 # Command line
 # ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """The command line: 2 and one line for a user error (config, model, run folder, resume
-    folder), 1 and the traceback for a failed run, 3 for a non-finite loss (checkpoint saved)."""
-    from rlbook_code.models import ModelLoadError
-
-    parser = argparse.ArgumentParser(
-        prog="python -m rlbook_code.train",
-        description="Train a policy with one of the book's algorithms.",
-        epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (configs/*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (value parsed as YAML); repeatable")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
-    args = parser.parse_args(argv)
-    try:
-        if args.resume:
-            saved = Path(args.resume) / "checkpoint" / "config.yaml"
-            if not saved.exists():
-                raise FileNotFoundError(f"--resume {args.resume}: no checkpoint/config.yaml in that folder")
-            cfg = load_config(saved, args.overrides)
-        elif args.config:
-            if not Path(args.config).exists():
-                raise FileNotFoundError(f"--config {args.config}: no such file")
-            cfg = load_config(args.config, args.overrides)
-        else:
-            cfg = config_from_dict(parse_overrides(args.overrides))
-        run_dir = train(cfg, resume=args.resume)
-    except (ConfigError, ModelLoadError, FileExistsError, FileNotFoundError) as e:
-        kind = {ConfigError: "config error", ModelLoadError: "model error"}.get(type(e), "error")
-        print(f"{kind}: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 3
-    except Exception as e:  # a failed run: the traceback is what a user needs to report it
-        __import__("traceback").print_exc()
-        print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
-        print(f"run folder: {run_dir}")
-    return 0
+    """The command line (``config.run_cli``): 2 and one line for a user error (config, model, run
+    folder, resume folder), 1 and the traceback for a failed run, 3 for a non-finite loss."""
+    return run_cli(argv, prog="python -m rlbook_code.train", description="Train a policy with one of the book's algorithms.",
+                   cls=TrainConfig, train_fn=train, config_hint="configs/*.yaml", stop_errors=(NonFiniteError,))
 
 
 if __name__ == "__main__":
