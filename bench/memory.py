@@ -1,8 +1,8 @@
 """Peak memory of one GRPO step of a Qwen3-0.6B-shaped model, measured on the CPU, against the
 worked estimate of book/gpu.md: full fine-tuning vs LoRA, with and without activation checkpointing.
 
-    python bench/memory.py                  # the four runs, one process each (minutes on 2 cores)
-    python bench/memory.py --only lora-gc   # one of full, full-gc, lora, lora-gc
+    python bench/memory.py                  # the six runs, one process each (hours on 2 cores)
+    python bench/memory.py --only lora-gc   # full, full-gc, lora, lora-gc, lora-bf16, lora-bf16-gc
     python bench/memory.py --smoke          # a shrunken model: checks the script in seconds
     python bench/memory.py --model smollm2-135m-instruct --only full --only lora \
         --set prompts_per_step=2 --set group_size=4 --set max_new_tokens=32 --json out.json
@@ -47,7 +47,12 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 GiB = 2**30
-RUNS = {"full": (0, False), "full-gc": (0, True), "lora": (16, False), "lora-gc": (16, True)}
+RUNS = {"full": (0, False, "float32"), "full-gc": (0, True, "float32"), "lora": (16, False, "float32"),
+        "lora-gc": (16, True, "float32"), "lora-bf16": (16, False, "bfloat16"),
+        "lora-bf16-gc": (16, True, "bfloat16")}
+"""name: (LoRA rank, activation checkpointing, parameter dtype). ``lora-bf16*`` keep the frozen
+base in bfloat16 (2 bytes a weight, forward passes in bfloat16 without autocast) and the adapters in
+float32 (``lora.add_lora``)."""
 
 
 def rss_bytes() -> int:
@@ -85,19 +90,21 @@ class PeakSampler:
 
 
 def estimate(dims: dict, n_params: int, n_trainable: int, n_gen: int, prompt_len: int, T: int,
-             micro: int, checkpointing: bool) -> dict[str, float]:
+             micro: int, checkpointing: bool, base_bytes: int = 4) -> dict[str, float]:
     """book/gpu.md's worked estimate (bytes), term by term, for these sizes.
 
     ``n_gen``: sequences per generate call; ``prompt_len``: prompt tokens; ``T``: new tokens.
     Weights float32 (4 B), AdamW moments 8 B per trainable parameter; gradients (4 B per
     trainable parameter) exist only in the update (the trainer frees them with
     ``zero_grad(set_to_none=True)``); autocast keeps a bfloat16 copy (2 B) of each weight that
-    requires grad while a forward runs (frozen LoRA base weights are cast op by op, not kept)."""
+    requires grad while a forward runs (frozen LoRA base weights are cast op by op, not kept).
+    ``base_bytes=2``: a LoRA run whose frozen base is bfloat16 (no autocast, no copies)."""
     L, V, H = dims["num_hidden_layers"], dims["vocab_size"], dims["hidden_size"]
     kv = dims["num_key_value_heads"] * dims["head_dim"]
     seq = prompt_len + T
-    weights, adam, grads = 4 * n_params, 8 * n_trainable, 4 * n_trainable
-    bf16_copy = 2 * (n_params if n_trainable == n_params else n_trainable)
+    weights = base_bytes * (n_params - n_trainable) + 4 * n_trainable
+    adam, grads = 8 * n_trainable, 4 * n_trainable
+    bf16_copy = 2 * (n_params if n_trainable == n_params else n_trainable) if base_bytes == 4 else 0
     kv_cache = 2 * L * kv * 2 * n_gen * seq
     scores = 4 * V * n_gen * T  # float32 processed logits of every step, one copy
     logits = 2 * micro * (T + 1) * V  # bfloat16 logits of the completion positions
@@ -127,15 +134,16 @@ def run_one(name: str, args) -> dict:
     gc.collect()
     base_rss = rss_bytes()
     dims = SMOKE if args.smoke else QWEN3_0_6B
-    rank, checkpointing = RUNS[name]
+    rank, checkpointing, dtype = RUNS[name]
+    autocast = not args.no_autocast and dtype == "float32"  # autocast is for float32 parameters
     folder = args.folder
     with tempfile.TemporaryDirectory(prefix="rlbook_mem_") as tmp:
         overrides = [
-            f"model_name={folder}", "device=cpu", "dtype=float32", "answer_format=tags",
+            f"model_name={folder}", "device=cpu", f"dtype={dtype}", "answer_format=tags",
             "beta=0.0", f"prompts_per_step={args.prompts_per_step}", "group_size=8",
             f"max_new_tokens={args.max_new_tokens}", "micro_batch_size=8", "generation_batch_size=2",
             f"gradient_checkpointing={str(checkpointing).lower()}", "lr=1e-6", "steps=1", "eval_size=1",
-            f"autocast_bf16={str(not args.no_autocast).lower()}",
+            f"autocast_bf16={str(autocast).lower()}",
             "eval_sampled=false", "progress=false", "tensorboard=false", f"num_threads={args.threads}",
             f"lora_rank={rank}", "lora_alpha=32.0", f"run_dir={Path(tmp) / 'run'}", "overwrite=true",
         ] + list(args.set)
@@ -182,7 +190,7 @@ def run_one(name: str, args) -> dict:
     n_gen = min(cfg.prompts_per_step, cfg.generation_batch_size or cfg.prompts_per_step) * cfg.group_size
     est = estimate(dims, n_total, n_trainable, n_gen=n_gen, prompt_len=batch_prompt_len, T=args.max_new_tokens,
                    micro=min(cfg.micro_batch_size or n_gen, cfg.prompts_per_step * cfg.group_size),
-                   checkpointing=checkpointing) if not args.model else None
+                   checkpointing=checkpointing, base_bytes=2 if dtype == "bfloat16" else 4) if not args.model else None
     times["update_s"] = rec["update_s"]
     return {"name": name, "n_params": n_total, "n_trainable": n_trainable, "base_rss": base_rss,
             "static": static_rss - base_rss, "rollout": sampler.peaks.get("rollout", 0) - base_rss,
@@ -254,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{e['update'] / GiB:.2f} | {max(r['rollout'], r['update']) / GiB:.2f} | {r['rollout_s']:.0f} "
               f"| {r['step_s']:.0f} |")
     by = {r["name"]: max(r["rollout"], r["update"]) for r in results}
-    for a, b in (("lora-gc", "full-gc"), ("lora", "full")):
+    for a, b in (("lora-gc", "full-gc"), ("lora-bf16-gc", "full-gc"), ("lora", "full")):
         if a in by and b in by:
             print(f"\n{a} / {b} step peak: {by[a] / by[b]:.2f}")
     return 0

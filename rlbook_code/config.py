@@ -86,7 +86,9 @@ class TrainConfig:
     device: str = "cpu"
     """Torch device, e.g. ``cpu``, ``cuda``, ``cuda:0``."""
     dtype: str = "float32"
-    """Parameter dtype of policy and reference: float32, bfloat16 or float16."""
+    """Parameter dtype of policy and reference: float32, bfloat16 or float16. With LoRA
+    (``lora_rank > 0``) it is the frozen base's dtype only: the adapters stay float32, so
+    ``bfloat16`` halves the weights' memory without the rounding pitfall of bfloat16 master weights."""
     num_threads: Optional[int] = None
     """``torch.set_num_threads`` for CPU runs; None leaves torch's default."""
     gradient_checkpointing: bool = False

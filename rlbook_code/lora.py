@@ -47,6 +47,11 @@ def add_lora(model, rank: int, alpha: float = 16.0, dropout: float = 0.0,
 
     Returns:
         ``model`` (same object), with only the adapters' ``A`` and ``B`` requiring gradients.
+        The adapters are float32 whatever the base's dtype: on a bfloat16 base (``dtype:
+        bfloat16``) the frozen weights take 2 bytes each and are never updated, so the rounding
+        pitfall of bfloat16 master weights (``book/gpu.md``) does not apply, while the trained
+        ``A`` and ``B`` and their AdamW moments stay float32. peft casts each adapter's input to
+        float32 and its output back to the base layer's dtype.
 
     Raises:
         ValueError: bad rank, alpha or dropout, a model that already has adapters, or no
@@ -73,6 +78,8 @@ def add_lora(model, rank: int, alpha: float = 16.0, dropout: float = 0.0,
     model.requires_grad_(False)
     model.add_adapter(config)
     for p in lora_parameters(model):
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()  # float32 adapters on a bfloat16/float16 base (peft's autocast_adapter_dtype)
         p.requires_grad_(True)
     return model
 

@@ -34,6 +34,7 @@ __all__ = [
     "completion_logprobs",
     "completion_mask_from_eos",
     "eos_token_ids",
+    "truncated_rows",
     "position_ids_from_mask",
     "shared_prompt_cache",
     "concat_batches",
@@ -184,6 +185,20 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -
     # number of EOS strictly before position t; keep positions with none before them
     before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
     return before == 0
+
+
+def truncated_rows(batch: "RolloutBatch", eos_ids: list[int]) -> torch.Tensor:
+    """``(N,)`` bool: True for a completion cut at ``max_new_tokens`` without an EOS.
+
+    Such a completion never reached its final answer: ``rewards.extract_answer`` then takes
+    its last line, which is a fragment (chapter 15). ``eos_ids`` as from :func:`eos_token_ids`.
+    """
+    mask = batch.completion_mask
+    if mask.shape[1] == 0:
+        return torch.zeros(mask.shape[0], dtype=torch.bool)
+    last = batch.completion_ids[:, -1]
+    ends_eos = torch.isin(last, torch.as_tensor(eos_ids, dtype=last.dtype, device=last.device))
+    return mask.all(dim=1) & ~ends_eos
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -200,3 +200,38 @@ def test_lora_learns_on_the_shipped_model_like_full_fine_tuning(tmp_path):
         gains[name] = m[-1]["eval/sampled_accuracy"] - m[0]["eval/sampled_accuracy"]
     assert gains["full"] > 0.08, gains
     assert gains["lora"] >= 0.5 * gains["full"], gains
+
+
+def test_bfloat16_base_keeps_float32_adapters_and_trains(tiny_model, tmp_path):
+    """dtype: bfloat16 with LoRA: the frozen base is bfloat16 (2 bytes a weight), the adapters and
+    their AdamW moments float32, so updates far below bfloat16's spacing still move them; the
+    reference (adapters off) is the bfloat16 base exactly; final/ is saved in bfloat16."""
+    model, tok = load_policy(tiny_model, device="cpu", dtype=torch.bfloat16)
+    base = copy.deepcopy(model)
+    lora.add_lora(model, rank=4, alpha=8.0)
+    assert {p.dtype for p in lora.lora_parameters(model)} == {torch.float32}
+    frozen = [p for n, p in model.named_parameters() if ".lora_" not in n]
+    assert frozen and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)
+    batch = _batch(model, tok)
+    _perturb_adapters(model)
+    with torch.no_grad():
+        ref = rollout.completion_logprobs(lora.DisabledAdapters(model), batch).logprobs
+        assert torch.equal(ref, rollout.completion_logprobs(base, batch).logprobs)
+        assert not torch.equal(ref, rollout.completion_logprobs(model, batch).logprobs)
+    from rlbook_code.models import DEFAULT_MODEL  # the shipped model: rewards with variance, so a gradient
+
+    kw = dict(model_name=str(DEFAULT_MODEL), dtype="bfloat16", lr=1e-6, beta=0.05, steps=2, group_size=8)
+    state = T.build_state(_cfg(tiny_model, tmp_path, **kw))
+    a0 = [p.detach().clone() for p in lora.lora_parameters(state.policy)]
+    run = T.train(_cfg(tiny_model, tmp_path, **kw))
+    m = T.read_metrics(run)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m if "loss" in r)
+    assert any(r.get("grad_norm", 0) > 0 for r in m)
+    T.load_checkpoint(state, run / "checkpoint")
+    a1 = lora.lora_parameters(state.policy)
+    assert all(p.dtype == torch.float32 for p in a1)
+    assert any(not torch.equal(x, y) for x, y in zip(a0, a1))  # a 1e-6 step moves float32 adapters
+    from safetensors.torch import load_file
+
+    saved = load_file(run / "final" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16} and not any(".lora_" in k for k in saved)

@@ -294,3 +294,16 @@ def test_model_generation_defaults_do_not_leak(tiny, tmp_path):
         assert torch.equal(pred[g.completion_mask], g.completion_ids[g.completion_mask])
     finally:
         model.generation_config = type(model.generation_config).from_dict(saved)
+
+
+def test_truncated_rows_are_the_completions_cut_at_the_cap():
+    from rlbook_code.rollout import RolloutBatch, truncated_rows
+
+    eos, pad = 2, 0
+    ids = torch.tensor([[5, 6, 2, 0], [5, 6, 7, 8], [5, 6, 7, 2], [2, 0, 0, 0]])  # ends, cut, EOS last, empty
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    b = RolloutBatch(prompts=["p"] * 4, texts=[""] * 4, prompt_ids=torch.ones(4, 1, dtype=torch.long),
+                     prompt_mask=torch.ones(4, 1, dtype=torch.bool), completion_ids=ids, completion_mask=mask,
+                     logprobs=torch.zeros(4, 4), group_size=1)
+    assert truncated_rows(b, [eos]).tolist() == [False, True, False, False]
+    assert truncated_rows(b, [eos, 8]).tolist() == [False, False, False, False]
