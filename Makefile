@@ -71,7 +71,17 @@ $(ACTIONLINT):
 	@test -f $@
 
 # ---- the book ---------------------------------------------------------------------------
+# The chapters are executed first, one per CPU core at a time (most use one torch thread), into
+# jupyter-book's own execution cache (jupyter-cache, each in its notebook's folder, as
+# jupyter-book runs them); the build then renders the cached outputs and executes only a notebook
+# whose code changed since. BOOK_PARALLEL=0 executes them one after another.
+BOOK_CACHE = _build/.jupyter_cache
+BOOK_PARALLEL ?= 1
 book: setup
+	@mkdir -p _build
+	@yes | $(BIN)/jcache notebook -p $(BOOK_CACHE) add $(sort $(wildcard notebooks/*.ipynb)) >/dev/null
+	$(BIN)/jcache project -p $(BOOK_CACHE) execute --timeout 1800 \
+	  --executor $(if $(filter 0,$(BOOK_PARALLEL)),local-serial,local-parallel)
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "The book: $(CURDIR)/_build/html/index.html"
 
