@@ -79,7 +79,7 @@ BOOK_CACHE = _build/.jupyter_cache
 BOOK_PARALLEL ?= 1
 book: setup
 	@mkdir -p _build
-	@yes | $(BIN)/jcache notebook -p $(BOOK_CACHE) add $(sort $(wildcard notebooks/*.ipynb)) >/dev/null
+	@printf 'y\n' | $(BIN)/jcache notebook -p $(BOOK_CACHE) add $(sort $(wildcard notebooks/*.ipynb)) >/dev/null
 	$(BIN)/jcache project -p $(BOOK_CACHE) execute --timeout 1800 \
 	  --executor $(if $(filter 0,$(BOOK_PARALLEL)),local-serial,local-parallel)
 	$(BIN)/jupyter-book build . -W -n --keep-going
